@@ -1,0 +1,17 @@
+"""Hand-written LoRA: the layer, its injection into a model, and adapter files in PEFT's layout."""
+
+from .adapter import AdapterError, LoRAConfig, load_adapter, read_adapter_config, save_adapter
+from .export import export_merged, merge_into_plain_linears
+from .inject import (
+    ALL_LINEAR, ATTENTION_MODULES, MLP_MODULES, count_parameters, inject_lora, lora_layers,
+    mark_only_lora_as_trainable, merge_all, parse_target_modules, set_adapters_disabled, trainable_report,
+    unmerge_all,
+)
+from .layer import LoRALinear
+
+__all__ = [
+    "ALL_LINEAR", "ATTENTION_MODULES", "MLP_MODULES", "AdapterError", "LoRAConfig", "LoRALinear",
+    "count_parameters", "export_merged", "inject_lora", "load_adapter", "lora_layers",
+    "mark_only_lora_as_trainable", "merge_all", "merge_into_plain_linears", "parse_target_modules",
+    "read_adapter_config", "save_adapter", "set_adapters_disabled", "trainable_report", "unmerge_all",
+]

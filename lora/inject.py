@@ -1,0 +1,112 @@
+"""Putting LoRA layers into a model, freezing everything else, and counting what trains."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from .layer import LoRALinear
+
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+ALL_LINEAR = "all-linear"
+# Never adapted: the (tied) embedding and the output head are the vocabulary, not the decoder.
+EXCLUDED_MODULES = ("embed_tokens", "lm_head")
+
+
+def parse_target_modules(spec: str | Sequence[str]) -> tuple[str, ...] | str:
+    """`"q_proj,v_proj"` or a list -> a tuple of names; `"all-linear"` stays as it is."""
+    if isinstance(spec, str):
+        if spec.strip() == ALL_LINEAR:
+            return ALL_LINEAR
+        spec = spec.split(",")
+    names = tuple(name.strip() for name in spec if name.strip())
+    if not names:
+        raise ValueError("no target modules given")
+    if any(name in EXCLUDED_MODULES for name in names):
+        raise ValueError(f"LoRA is never applied to {', '.join(EXCLUDED_MODULES)}")
+    return names
+
+
+def find_target_names(model: nn.Module, targets: tuple[str, ...] | str) -> list[str]:
+    """Full names of the linear layers to adapt, matched on the last part of the module name."""
+    names = []
+    for name, module in model.named_modules():
+        last = name.rsplit(".", 1)[-1]
+        if last in EXCLUDED_MODULES or not _is_linear_like(module):
+            continue
+        if targets == ALL_LINEAR or last in targets:
+            names.append(name)
+    if not names:
+        raise ValueError(f"no linear layer of the model matches target modules {targets!r}")
+    return names
+
+
+def inject_lora(
+    model: nn.Module,
+    targets: tuple[str, ...] | str = ATTENTION_MODULES,
+    rank: int = 16,
+    alpha: float = 32.0,
+    dropout: float = 0.05,
+    use_rslora: bool = False,
+) -> list[str]:
+    """Replace each targeted linear layer by a LoRALinear around it; freeze all but the adapters.
+
+    Returns the names of the adapted modules.
+    """
+    names = find_target_names(model, targets)
+    for name in names:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child_name, LoRALinear(getattr(parent, child_name), rank, alpha, dropout, use_rslora))
+    mark_only_lora_as_trainable(model)
+    return names
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: module for name, module in model.named_modules() if isinstance(module, LoRALinear)}
+
+
+def mark_only_lora_as_trainable(model: nn.Module) -> None:
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(".lora_A." in name or ".lora_B." in name)
+
+
+def set_adapters_disabled(model: nn.Module, disabled: bool) -> None:
+    for layer in lora_layers(model).values():
+        layer.disabled = disabled
+
+
+def merge_all(model: nn.Module) -> None:
+    for layer in lora_layers(model).values():
+        layer.merge()
+
+
+def unmerge_all(model: nn.Module) -> None:
+    for layer in lora_layers(model).values():
+        layer.unmerge()
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, all) parameter counts; 4-bit weights count as the parameters they stand for."""
+    trainable = total = 0
+    for parameter in model.parameters():
+        total += parameter.numel()
+        if parameter.requires_grad:
+            trainable += parameter.numel()
+    # A 4-bit layer keeps its packed weight as a buffer, not a parameter.
+    for module in model.modules():
+        total += getattr(module, "quantized_parameter_count", 0)
+    return trainable, total
+
+
+def trainable_report(model: nn.Module) -> str:
+    """The one-line summary PEFT users know, e.g.
+    `trainable params: 6,389,760 || all params: 2,620,731,648 || trainable%: 0.2438`."""
+    trainable, total = count_parameters(model)
+    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+
+
+def _is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or getattr(module, "is_linear_like", False)

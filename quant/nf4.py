@@ -1,0 +1,100 @@
+"""NF4 (4-bit NormalFloat) linear layers on bitsandbytes' own kernels, as QLoRA uses them.
+
+The weight is quantized once by `bitsandbytes.functional.quantize_4bit` (blocks of 64, double
+quantization of the block scales) and multiplied by `bitsandbytes.matmul_4bit`, which dequantizes
+on the fly and lets gradients flow to the input. No quantization maths is written here.
+"""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnb_functional
+import torch
+from torch import nn
+
+BLOCKSIZE = 64
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear layer whose weight is stored in NF4; computes in the input's dtype."""
+
+    is_linear_like = True  # lets LoRA injection treat it as a linear layer
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.quantized_parameter_count = linear.weight.numel()
+        packed, self.quant_state = bnb_functional.quantize_4bit(
+            linear.weight.detach(), blocksize=BLOCKSIZE, compress_statistics=True, quant_type="nf4"
+        )
+        self.register_buffer("packed_weight", packed)
+        bias = linear.bias.detach().clone() if linear.bias is not None else None
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return bnb.matmul_4bit(x, self.packed_weight.t(), quant_state=self.quant_state, bias=bias)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return bnb_functional.dequantize_4bit(self.packed_weight, self.quant_state)
+
+    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """A plain nn.Linear holding the dequantized weight (what merging and export start from)."""
+        weight = self.dequantized_weight()
+        dtype = dtype or weight.dtype
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=weight.device, dtype=dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear.requires_grad_(False)
+
+    def storage_bytes(self) -> int:
+        """Bytes of the packed weight and its quantization statistics."""
+        state = self.quant_state
+        tensors = [self.packed_weight, state.absmax, state.code]
+        if state.nested:
+            tensors += [state.state2.absmax, state.state2.code, state.offset]
+        return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+    def _apply(self, fn, recurse: bool = True):
+        # nn.Module.to() moves buffers; the quantization statistics live outside them.
+        super()._apply(fn, recurse)
+        self.quant_state.to(self.packed_weight.device)
+        return self
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, nf4, blocksize={BLOCKSIZE}"
+
+
+def decoder_linear_names(model: nn.Module) -> list[str]:
+    """Every nn.Linear inside the decoder blocks (attention and MLP); never embeddings or lm_head."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and ".layers." in f".{name}"]
+
+
+def quantize_decoder_linears(model: nn.Module) -> tuple[int, int]:
+    """Swap the decoder's linear layers for NF4Linear in place, on whatever device they are on.
+
+    Returns (weight bytes before, weight bytes after) over the swapped layers.
+    """
+    before = after = 0
+    for name in decoder_linear_names(model):
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear = getattr(parent, child_name)
+        before += linear.weight.numel() * linear.weight.element_size()
+        quantized = NF4Linear(linear)
+        after += quantized.storage_bytes()
+        setattr(parent, child_name, quantized)
+    return before, after
+
+
+def dequantize_decoder_linears(model: nn.Module, dtype: torch.dtype | None = None) -> None:
+    """Replace every NF4Linear by a plain nn.Linear with its dequantized weight, in place."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, NF4Linear):
+            parent_name, _, child_name = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child_name, module.to_linear(dtype))
