@@ -114,7 +114,7 @@ class GenerationSettings:
 
 @dataclass(frozen=True)
 class Completion:
-    text: str  # the new tokens, decoded, cut before the stop token or stop string
+    text: str  # the new tokens up to the first stop token, decoded, cut at the first stop string
     new_tokens: int  # positions generated, the stop token included
 
 
@@ -203,7 +203,7 @@ class Generator:
         # Rows that stopped early are padded to the batch's length; count only what was generated.
         generated = stops[0] + 1 if stops else len(ids)
         kept = stops[0] if stops else len(ids)
-        text = self.tokenizer.decode(ids[:kept], skip_special_tokens=False)
+        text = self.tokenizer.decode(ids[:kept], skip_special_tokens=True)
         for stop in stop_strings:
             text = text.split(stop, 1)[0]
         return Completion(text, generated)

@@ -148,6 +148,14 @@ def test_batch_mode_writes_one_answer_per_line(model_dir, adapter_dir, tmp_path,
     assert [r["response"] for r in answers["base"]] != [r["response"] for r in answers["adapter"]]
 
 
+def test_on_a_terminal_the_answer_is_streamed(model_dir, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True)
+    code, streamed, _ = run(["--model", model_dir, "--prompt", "Write fib", "--max-new-tokens", 6], capsys)
+    monkeypatch.setattr("sys.stdout.isatty", lambda: False)
+    _, raw, _ = run(["--model", model_dir, "--prompt", "Write fib", "--max-new-tokens", 6, "--raw"], capsys)
+    assert code == 0 and streamed.startswith(raw.rstrip("\n"))
+
+
 def test_interactive_answers_until_an_empty_line(model_dir, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("Write fib\nWrite sort\n\n"))
     code, out, _ = run(["--model", model_dir, "--interactive", "--max-new-tokens", 4], capsys)
