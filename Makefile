@@ -1,17 +1,19 @@
 # Everything runs inside .venv, created on first use from the pinned requirements files.
+# Overridable: make train RANK=8 MODEL=google/gemma-2-2b DATASET=iamtarun/python_code_instructions_18k_alpaca
+#              EPOCHS=3 MAX_STEPS=100 OUT=outputs/my_run
 PYTHON := .venv/bin/python
 RANK ?= 16
 MODEL ?= embedded
 DATASET ?= default
 EPOCHS ?=
 MAX_STEPS ?=
-OUT ?= outputs/lora_r$(RANK)
+OUT ?=
 
 # Optional overrides become flags only when set.
-TRAIN_FLAGS = --model $(MODEL) --dataset $(DATASET) \
-	$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(MAX_STEPS),--max-steps $(MAX_STEPS))
+TRAIN_FLAGS = --model $(MODEL) --dataset $(DATASET) --rank $(RANK) \
+	$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(MAX_STEPS),--max-steps $(MAX_STEPS)) $(if $(OUT),--out $(OUT))
 
-.PHONY: venv test train qlora eval bench data
+.PHONY: venv test train qlora
 
 venv: .venv/.runtime-installed
 
@@ -26,4 +28,12 @@ venv: .venv/.runtime-installed
 	touch $@
 
 test: .venv/.test-installed
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q
+
+# LoRA on q/k/v/o; default output outputs/lora_r$(RANK). Re-running resumes from its checkpoint.
+train: venv
+	$(PYTHON) train.py $(TRAIN_FLAGS)
+
+# QLoRA: NF4 base + LoRA; default output outputs/qlora_r$(RANK).
+qlora: venv
+	$(PYTHON) train.py --qlora $(TRAIN_FLAGS)

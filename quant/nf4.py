@@ -7,20 +7,30 @@ on the fly and lets gradients flow to the input. No quantization maths is writte
 
 from __future__ import annotations
 
-import bitsandbytes as bnb
-import bitsandbytes.functional as bnb_functional
-import torch
-from torch import nn
+import logging
+
+# bitsandbytes warns on import that an optional CPU kernel package (`kernels`) is missing; it
+# cannot be installed here and its fallback is what we use, so the warning is only noise.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+import bitsandbytes as bnb  # noqa: E402  (after the logger is quietened)
+import bitsandbytes.functional as bnb_functional  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 BLOCKSIZE = 64
 
 
 class NF4Linear(nn.Module):
-    """A frozen linear layer whose weight is stored in NF4; computes in the input's dtype."""
+    """A frozen linear layer whose weight is stored in NF4; computes in the input's dtype.
+
+    `compute_dtype` is the dtype the weight is dequantized to (default: the original weight's),
+    so a weight quantized from float32 can be used directly by a bf16 model.
+    """
 
     is_linear_like = True  # lets LoRA injection treat it as a linear layer
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype | None = None):
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
@@ -28,6 +38,8 @@ class NF4Linear(nn.Module):
         packed, self.quant_state = bnb_functional.quantize_4bit(
             linear.weight.detach(), blocksize=BLOCKSIZE, compress_statistics=True, quant_type="nf4"
         )
+        if compute_dtype is not None:
+            self.quant_state.dtype = compute_dtype
         self.register_buffer("packed_weight", packed)
         bias = linear.bias.detach().clone() if linear.bias is not None else None
         self.register_buffer("bias", bias)
@@ -75,7 +87,7 @@ def decoder_linear_names(model: nn.Module) -> list[str]:
             if isinstance(module, nn.Linear) and ".layers." in f".{name}"]
 
 
-def quantize_decoder_linears(model: nn.Module) -> tuple[int, int]:
+def quantize_decoder_linears(model: nn.Module, compute_dtype: torch.dtype | None = None) -> tuple[int, int]:
     """Swap the decoder's linear layers for NF4Linear in place, on whatever device they are on.
 
     Returns (weight bytes before, weight bytes after) over the swapped layers.
@@ -86,7 +98,7 @@ def quantize_decoder_linears(model: nn.Module) -> tuple[int, int]:
         parent = model.get_submodule(parent_name)
         linear = getattr(parent, child_name)
         before += linear.weight.numel() * linear.weight.element_size()
-        quantized = NF4Linear(linear)
+        quantized = NF4Linear(linear, compute_dtype)
         after += quantized.storage_bytes()
         setattr(parent, child_name, quantized)
     return before, after

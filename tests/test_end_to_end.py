@@ -1,0 +1,30 @@
+"""A few steps on the real embedded Gemma 3 270M and corpus: LoRA and QLoRA train and the adapter loads."""
+
+import math
+
+import peft
+import pytest
+import torch
+
+import models
+import train
+from lora import load_adapter
+
+
+@pytest.mark.parametrize("qlora", [False, True], ids=["lora", "qlora"])
+def test_a_few_steps_on_the_embedded_model(tmp_path, qlora):
+    config = train.TrainConfig(qlora=qlora, out=str(tmp_path / "run"), batch_size=2, grad_accum=1, max_steps=2,
+                               max_length=192, eval_rows=4, eval_every=2)
+    summary = train.run(config)
+    assert summary["steps"] == 2
+    assert math.isfinite(summary["final_train_loss"]) and math.isfinite(summary["held_out_loss_after"])
+    assert summary["trainable_params"] == 1_474_560
+
+    ids = torch.tensor([[2, 105, 2364, 107, 3689, 236746, 106, 107, 105, 4368, 107]])
+    ours = models.load_model(models.EMBEDDED_MODEL, torch.device("cpu"), torch.float32)
+    load_adapter(ours, tmp_path / "run")
+    reference = peft.PeftModel.from_pretrained(
+        models.load_model(models.EMBEDDED_MODEL, torch.device("cpu"), torch.float32), tmp_path / "run")
+    with torch.no_grad():
+        difference = (ours(ids).logits - reference(ids).logits).abs().max().item()
+    assert difference < 1e-3, difference

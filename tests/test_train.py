@@ -1,0 +1,228 @@
+"""The training loop: schedule, loss, accumulation, checkpoints and resume, errors."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from conftest import build_tiny_model, make_tiny_tokenizer
+from data.dataset import collate, encode_example
+from lora import inject_lora, load_adapter
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------------ schedule
+
+def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_zero():
+    lrs = [train.learning_rate(step, 1e-3, warmup=10, total=110) for step in range(110)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[60] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 0.5)))  # halfway down: 5e-4
+    assert train.learning_rate(110, 1e-3, 10, 110) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_warmup_scales_down_for_short_runs():
+    assert train.warmup_for(3141, 150) == 150  # the study's run
+    assert train.warmup_for(100, 150) == 5
+    assert train.warmup_for(3, 150) == 1
+
+
+# ------------------------------------------------------------------ loss
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_chunked_cross_entropy_matches_float64_reference(softcap):
+    torch.manual_seed(0)
+    hidden = torch.randn(11, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 8, dtype=torch.float64) * 3
+    targets = torch.randint(0, 50, (11,))
+    loss = train.ChunkedLinearCrossEntropy.apply(hidden, weight, targets, softcap, 4)
+    loss.backward()
+    reference_hidden = hidden.detach().clone().requires_grad_(True)
+    logits = reference_hidden @ weight.T
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    reference = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+    reference.backward()
+    torch.testing.assert_close(loss.double(), reference, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(hidden.grad, reference_hidden.grad, rtol=1e-6, atol=1e-6)
+
+
+def make_examples(tokenizer, count, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    examples = []
+    for index in range(count):
+        length = int(torch.randint(3, 30, (1,), generator=generator))
+        body = "".join(chr(97 + int(c)) for c in torch.randint(0, 26, (length,), generator=generator))
+        examples.append(encode_example(tokenizer, f"task {index}", "", f"def f():\n    return '{body}'"))
+    return examples
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3"])
+def test_supervised_loss_equals_the_model_s_own_loss(kind):
+    tokenizer = make_tiny_tokenizer()
+    model = build_tiny_model(kind)
+    batch = collate(make_examples(tokenizer, 3), tokenizer.pad_token_id)
+    with torch.no_grad():
+        ours = train.supervised_loss_sum(model, batch) / train.count_supervised(batch)
+        reference = model(**batch).loss  # transformers' mean cross-entropy over labelled positions
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_accumulation_4x4_gives_the_same_gradient_as_16x1():
+    tokenizer = make_tiny_tokenizer()
+    examples = make_examples(tokenizer, 16)
+    gradients = []
+    for micro_batch in (16, 4):
+        model = build_tiny_model("gemma3")
+        inject_lora(model, rank=4, alpha=8.0, dropout=0.0)
+        for layer_name, parameter in model.named_parameters():  # non-zero B so A gets gradients too
+            if ".lora_B." in layer_name:
+                torch.nn.init.normal_(parameter, std=0.1, generator=torch.Generator().manual_seed(1))
+        batches = [collate(examples[i:i + micro_batch], tokenizer.pad_token_id) for i in range(0, 16, micro_batch)]
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        train.accumulate_gradients(model, batches, torch.device("cpu"), torch.float32, scaler)
+        gradients.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert gradients[0].keys() == gradients[1].keys()
+    for name in gradients[0]:
+        torch.testing.assert_close(gradients[1][name], gradients[0][name], rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------ whole runs on a tiny model
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    """A tiny Gemma 3 folder and a 60-row Alpaca-style dataset."""
+    root = tmp_path_factory.mktemp("tiny")
+    build_tiny_model("gemma3").save_pretrained(root / "model")
+    make_tiny_tokenizer().save_pretrained(root / "model")
+    rows = [{"instruction": f"Return {i} squared.", "input": "" if i % 3 else f"n = {i}",
+             "output": f"def square_{i}():\n    return {i} * {i}"} for i in range(60)]
+    (root / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return root
+
+
+def tiny_config(setup: Path, out: Path, **changes) -> train.TrainConfig:
+    settings = dict(model=str(setup / "model"), dataset=str(setup / "rows.jsonl"), out=str(out), rank=4,
+                    dropout=0.1, batch_size=2, grad_accum=2, lr=1e-2, epochs=1, max_steps=6, max_length=128,
+                    save_every=2, eval_every=3, eval_rows=4)
+    settings.update(changes)
+    return train.TrainConfig(**settings)
+
+
+def adapter_tensors(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "adapter_model.safetensors")
+
+
+def assert_same_adapter(first: Path, second: Path):
+    a, b = adapter_tensors(first), adapter_tensors(second)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_run_writes_adapter_metrics_plot_and_summary(tiny_setup, tmp_path):
+    summary = train.run(tiny_config(tiny_setup, tmp_path / "run"))
+    out = tmp_path / "run"
+    for name in ("adapter_model.safetensors", "adapter_config.json", "metrics.jsonl", "training_loss.png",
+                 "train_summary.json", "train_config.json", "checkpoint-000006"):
+        assert (out / name).exists(), name
+    assert summary["steps"] == 6 and math.isfinite(summary["final_train_loss"])
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4, 5, 6]
+    assert [m["step"] for m in metrics if "held_out_loss" in m] == [0, 3, 6]
+    assert len(list(out.glob("checkpoint-*"))) == 1, "older checkpoints are removed"
+    model = build_tiny_model("gemma3")
+    load_adapter(model, out)  # the result loads as an adapter
+    assert train.summary_line(summary).startswith("done: trainable params")
+
+
+def test_killed_run_resumes_bit_for_bit(tiny_setup, tmp_path):
+    train.run(tiny_config(tiny_setup, tmp_path / "straight"))
+    killed = tmp_path / "killed"
+    # SIGKILL right after step 3 (the last checkpoint is step 2): nothing gets a chance to clean up.
+    script = (
+        "import os, signal, train\n"
+        f"config = train.TrainConfig(**{train.dataclasses.asdict(tiny_config(tiny_setup, killed))!r})\n"
+        "train.run(config, after_step=lambda step: step == 3 and os.kill(os.getpid(), signal.SIGKILL))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == -9, result.stderr[-2000:]
+    assert [p.name for p in killed.glob("checkpoint-*")] == ["checkpoint-000002"]
+    assert not (killed / "adapter_model.safetensors").exists()
+    train.run(tiny_config(tiny_setup, killed))
+    assert_same_adapter(tmp_path / "straight", killed)
+    metrics = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4, 5, 6]
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tiny_setup, tmp_path):
+    train.run(tiny_config(tiny_setup, tmp_path / "straight"))
+
+    def interrupt(step):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(train.TrainError, match="checkpoint at step 3"):
+        train.run(tiny_config(tiny_setup, tmp_path / "interrupted"), after_step=interrupt)
+    train.run(tiny_config(tiny_setup, tmp_path / "interrupted"))
+    assert_same_adapter(tmp_path / "straight", tmp_path / "interrupted")
+
+
+def test_resume_with_a_changed_config_is_refused_unless_overwrite(tiny_setup, tmp_path):
+    out = tmp_path / "run"
+    train.run(tiny_config(tiny_setup, out, max_steps=2))
+    with pytest.raises(train.TrainError, match="lr=0.01, now lr=0.02"):
+        train.run(tiny_config(tiny_setup, out, max_steps=2, lr=2e-2))
+    summary = train.run(tiny_config(tiny_setup, out, max_steps=2, lr=2e-2, overwrite=True))
+    assert summary["steps"] == 2
+
+
+def test_half_written_checkpoint_is_never_loaded(tiny_setup, tmp_path):
+    out = tmp_path / "run"
+    train.run(tiny_config(tiny_setup, out, max_steps=2))
+    # A crash while writing leaves only a temporary folder, which resuming ignores.
+    (out / ".checkpoint-abc123").mkdir()
+    (out / ".checkpoint-abc123" / "state.json").write_text("{trunc")
+    assert train.checkpoint_dirs(out) == [out / "checkpoint-000002"]
+
+
+def run_cli(capsys, *args) -> tuple[int, str]:
+    """train.py's main() in-process: (exit code, stderr)."""
+    try:
+        code = train.main(list(args))
+    except SystemExit as exit_:  # argparse exits on bad arguments
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "/nonexistent/model"], "cannot load a tokenizer from '/nonexistent/model'"),
+    (["--rank", "0"], "--rank must be >= 1"),
+])
+def test_bad_inputs_fail_with_one_clear_line(capsys, tmp_path, args, message):
+    code, stderr = run_cli(capsys, *args, "--out", str(tmp_path / "out"))
+    assert code == 2 and message in stderr.strip().splitlines()[-1]  # argparse prints its usage above
+    assert "Traceback" not in stderr
+    assert not (tmp_path / "out").exists(), "a failed start leaves nothing behind"
+
+
+def test_bad_dataset_fails_with_one_clear_line(capsys, tiny_setup, tmp_path):
+    code, stderr = run_cli(capsys, "--model", str(tiny_setup / "model"), "--dataset",
+                           str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "out"))
+    assert code == 2 and stderr.startswith("error: dataset file not found")
+
+
+def test_bad_target_modules_fail_cleanly(capsys, tiny_setup, tmp_path):
+    code, stderr = run_cli(capsys, "--model", str(tiny_setup / "model"), "--dataset", str(tiny_setup / "rows.jsonl"),
+                           "--targets", "c_attn", "--out", str(tmp_path / "out"))
+    assert code == 2 and "no linear layer of the model matches" in stderr

@@ -1,0 +1,582 @@
+"""Fine-tune a Gemma model with LoRA or QLoRA in one plain PyTorch loop (no Trainer, no PEFT).
+
+    python train.py                          # LoRA r=16 on the embedded Gemma 3 270M and corpus
+    python train.py --qlora                  # the same on an NF4-quantized base
+    python train.py --model google/gemma-2-2b \\
+        --dataset iamtarun/python_code_instructions_18k_alpaca   # the study's full run
+
+The loop, top to bottom: load the model (and quantize it for QLoRA), inject LoRA into q/k/v/o,
+tokenize the data, then for each optimizer step accumulate micro-batches with the loss averaged
+per supervised token over the whole window, clip, step AdamW with the warmup + cosine learning
+rate, and every --save-every steps write a checkpoint that resumes bit for bit. Starting again with
+the same output folder resumes; Ctrl-C saves a checkpoint and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import random
+import resource
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+import models
+from data.dataset import DataError, batch_order, collate, encode_rows, load_rows, split_rows
+from lora import AdapterError, LoRAConfig, inject_lora, parse_target_modules, save_adapter, trainable_report
+from lora.adapter import adapter_state_dict, atomic_write, load_adapter_tensors, read_adapter_weights
+from quant import quantize_decoder_linears
+
+# On this 2-core CPU the study's 3 epochs at length 768 on the embedded corpus would take hours;
+# the embedded default trains less (README: "Training on the embedded defaults").
+EMBEDDED_CPU_EPOCHS = 1
+EMBEDDED_CPU_MAX_LENGTH = 512
+STUDY_EPOCHS = 3
+STUDY_MAX_LENGTH = 768
+# The 262k-wide logits are computed this many rows at a time, never all at once.
+LOSS_CHUNK_ROWS = 512
+# Settings that may change between a run and its resumption without changing the result.
+RESUMABLE_CHANGES = {"out", "save_every", "eval_every", "overwrite", "device"}
+
+
+class TrainError(RuntimeError):
+    """A run cannot start or resume; the message is one line meant for the user."""
+
+
+@dataclass
+class TrainConfig:
+    model: str = models.EMBEDDED_MODEL
+    dataset: str = "default"
+    out: str = "outputs/lora_r16"
+    rank: int = 16
+    alpha: float | None = None  # None: 2 * rank, as in the study's rank sweep
+    dropout: float = 0.05
+    targets: str = "q_proj,k_proj,v_proj,o_proj"
+    rslora: bool = False
+    qlora: bool = False
+    batch_size: int = 4
+    grad_accum: int = 4
+    lr: float = 2.5e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 150
+    epochs: int | None = None  # None: the study's 3, or EMBEDDED_CPU_EPOCHS for the embedded default on a CPU
+    max_steps: int | None = None
+    max_length: int | None = None  # None: the study's 768, or EMBEDDED_CPU_MAX_LENGTH likewise
+    grad_clip: float = 1.0
+    seed: int = 42
+    save_every: int = 400
+    eval_every: int = 50
+    eval_rows: int = 64
+    device: str | None = None
+    overwrite: bool = False
+
+    def lora_config(self) -> LoRAConfig:
+        base_name = "google/gemma-3-270m" if self.model == models.EMBEDDED_MODEL else self.model
+        return LoRAConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout,
+                          target_modules=parse_target_modules(self.targets), use_rslora=self.rslora,
+                          base_model_name_or_path=base_name)
+
+
+def resolve_defaults(config: TrainConfig, device: torch.device) -> TrainConfig:
+    """Fill the settings left to their defaults (alpha, epochs, length cap)."""
+    embedded_on_cpu = config.model == models.EMBEDDED_MODEL and config.dataset == "default" and device.type == "cpu"
+    return dataclasses.replace(
+        config,
+        alpha=config.alpha if config.alpha is not None else 2.0 * config.rank,
+        epochs=config.epochs or (EMBEDDED_CPU_EPOCHS if embedded_on_cpu else STUDY_EPOCHS),
+        max_length=config.max_length or (EMBEDDED_CPU_MAX_LENGTH if embedded_on_cpu else STUDY_MAX_LENGTH),
+    )
+
+
+def learning_rate(step: int, max_lr: float, warmup: int, total: int) -> float:
+    """Linear warmup to max_lr over `warmup` steps, then cosine decay to zero at `total`."""
+    if step < warmup:
+        return max_lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return max_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def warmup_for(total_steps: int, requested: int) -> int:
+    """The study's 150 warmup steps were 5% of its run; shorter runs warm up for 5% of theirs."""
+    return max(1, min(requested, math.ceil(0.05 * total_steps)))
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of logits = softcap(hidden @ weight.T) against `targets`.
+
+    The full [tokens, vocab] logits are never built: each chunk's logits are made, turned into its
+    loss and its gradient with respect to `hidden` (softmax - one_hot, through the soft-cap's
+    derivative 1 - tanh^2, times the weight), and freed. The head weight is frozen, so only that
+    small [tokens, hidden] gradient is kept for the backward pass. Logits are float32 (or wider).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                softcap: float | None, chunk_rows: int) -> torch.Tensor:
+        hidden = hidden.to(weight.dtype)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden)
+        for start in range(0, hidden.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            logits = hidden[rows] @ weight.T
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            tanh = None
+            if softcap:
+                tanh = torch.tanh(logits / softcap)
+                logits = tanh * softcap
+            chunk_targets = targets[rows]
+            log_normalizer = torch.logsumexp(logits, dim=-1)
+            total += (log_normalizer - logits.gather(1, chunk_targets[:, None]).squeeze(1)).sum()
+            grad_logits = logits.sub_(log_normalizer[:, None]).exp_()  # softmax, in place
+            grad_logits[torch.arange(len(chunk_targets), device=hidden.device), chunk_targets] -= 1.0
+            if tanh is not None:
+                grad_logits.mul_(1.0 - tanh * tanh)
+            grad_hidden[rows] = grad_logits.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad_hidden)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_output.to(grad_hidden.dtype), None, None, None, None
+
+
+def supervised_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of next-token losses over the positions that carry a label; logits only for those."""
+    hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         use_cache=False).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    supervised = targets != -100
+    return ChunkedLinearCrossEntropy.apply(
+        hidden[:, :-1][supervised], model.lm_head.weight, targets[supervised],
+        model.config.final_logit_softcapping, LOSS_CHUNK_ROWS,
+    )
+
+
+def count_supervised(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+# ----------------------------------------------------------------------------------- checkpoints
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_dirs(out: Path) -> list[Path]:
+    """Completed checkpoints, oldest first. A checkpoint is written under a temporary name and renamed
+    when complete, so a half-written one never matches this pattern."""
+    return sorted(out.glob("checkpoint-[0-9][0-9][0-9][0-9][0-9][0-9]"))
+
+
+def save_checkpoint(out: Path, step: int, model, optimizer, scaler, rng: dict, config: TrainConfig,
+                    fingerprint: str) -> None:
+    staging = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=out))
+    try:
+        save_adapter(model, staging, config.lora_config())
+        tensors, groups = _flatten_optimizer_state(optimizer.state_dict())
+        tensors["rng.torch"] = rng["torch"]
+        for index, cuda_state in enumerate(rng.get("cuda", [])):
+            tensors[f"rng.cuda.{index}"] = cuda_state
+        atomic_write(staging / "trainer_state.safetensors", lambda path: save_file(tensors, path))
+        state = {
+            "step": step, "config": dataclasses.asdict(config), "data_fingerprint": fingerprint,
+            "optimizer_param_groups": groups, "grad_scaler": scaler.state_dict(),
+            "python_rng": _python_rng_to_json(rng["python"]),
+        }
+        atomic_write(staging / "state.json", lambda path: Path(path).write_text(json.dumps(state, indent=1)))
+        final = out / f"checkpoint-{step:06d}"
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for older in checkpoint_dirs(out)[:-1]:
+        shutil.rmtree(older)
+
+
+def load_checkpoint(directory: Path, model, optimizer, scaler) -> tuple[int, dict]:
+    """Restore adapter, optimizer and scaler in place; return (step, RNG state to restore)."""
+    state = json.loads((directory / "state.json").read_text())
+    load_adapter_tensors(model, read_adapter_weights(directory), str(directory))
+    tensors = load_file(directory / "trainer_state.safetensors")
+    optimizer.load_state_dict(_unflatten_optimizer_state(tensors, state["optimizer_param_groups"]))
+    scaler.load_state_dict(state["grad_scaler"])
+    rng = {"python": _python_rng_from_json(state["python_rng"]), "torch": tensors["rng.torch"]}
+    cuda_states = [tensors[key] for key in sorted(tensors) if key.startswith("rng.cuda.")]
+    if cuda_states:
+        rng["cuda"] = cuda_states
+    return state["step"], rng
+
+
+def _flatten_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], list]:
+    tensors = {}
+    for index, per_parameter in state_dict["state"].items():
+        for name, value in per_parameter.items():
+            tensors[f"optimizer.{index}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    return tensors, state_dict["param_groups"]
+
+
+def _unflatten_optimizer_state(tensors: dict[str, torch.Tensor], groups: list) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": groups}
+
+
+def _python_rng_to_json(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _python_rng_from_json(state: list) -> tuple:
+    version, internal, gauss = state
+    return version, tuple(internal), gauss
+
+
+def check_resumable(saved: dict, config: TrainConfig, directory: Path) -> None:
+    current = dataclasses.asdict(config)
+    changed = [key for key in current if key not in RESUMABLE_CHANGES and saved.get(key) != current[key]]
+    if changed:
+        key = changed[0]
+        raise TrainError(
+            f"{directory} was started with {key}={saved.get(key)!r}, now {key}={current[key]!r}; "
+            "use --overwrite to start over, or another --out"
+        )
+
+
+# ----------------------------------------------------------------------------------- the run
+
+def schedule_micro_batches(lengths: list[int], config: TrainConfig) -> list[list[int]]:
+    """Every micro-batch of every epoch, in training order (deterministic in the seed)."""
+    return [batch for epoch in range(config.epochs)
+            for batch in batch_order(lengths, config.batch_size, config.seed, epoch)]
+
+
+def data_fingerprint(examples: list[dict], schedule: list[list[int]]) -> str:
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(str(example["input_ids"]).encode())
+    digest.update(str(schedule).encode())
+    return digest.hexdigest()[:16]
+
+
+def prepare_model(config: TrainConfig, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    if config.qlora:
+        # Quantize from the full-precision weights (as `lora.export --nf4` does, so both see the same
+        # NF4 codes), then keep the rest of the model in the compute dtype.
+        model = models.load_model(config.model, device, torch.float32)
+        before, after = quantize_decoder_linears(model, dtype)
+        model.to(dtype)
+        print(f"NF4: decoder linear weights {before / 2**20:,.0f} MiB (fp32) -> {after / 2**20:,.0f} MiB")
+    else:
+        model = models.load_model(config.model, device, dtype)
+    lora = config.lora_config()
+    inject_lora(model, lora.target_modules, lora.rank, lora.alpha, lora.dropout, lora.use_rslora)
+    return model
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision in `dtype`; float32 means none (autocast has no float32 mode)."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def accumulate_gradients(model, batches: list[dict], device: torch.device, dtype: torch.dtype,
+                         scaler: torch.amp.GradScaler) -> tuple[float, int]:
+    """Backward over one optimizer step's micro-batches; returns (window loss, supervised tokens).
+
+    The loss is averaged per supervised token over the whole window, which makes batch 4 x
+    accumulation 4 the same gradient as batch 16 x 1 (a mean of per-micro-batch means would not be).
+    """
+    window_tokens = sum(count_supervised(batch) for batch in batches)
+    loss_value = 0.0
+    for batch in batches:
+        batch = {key: value.to(device) for key, value in batch.items()}
+        with autocast(device, dtype):
+            loss = supervised_loss_sum(model, batch) / window_tokens
+        scaler.scale(loss).backward()
+        loss_value += loss.item()
+    return loss_value, window_tokens
+
+
+def held_out_loss(model, batches: list[dict], device: torch.device, dtype: torch.dtype) -> float:
+    model.eval()
+    loss = tokens = 0.0
+    with torch.no_grad(), autocast(device, dtype):
+        for batch in batches:
+            batch = {key: value.to(device) for key, value in batch.items()}
+            loss += supervised_loss_sum(model, batch).item()
+            tokens += count_supervised(batch)
+    model.train()
+    return loss / max(tokens, 1)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def run(config: TrainConfig, after_step: Callable[[int], None] | None = None) -> dict:
+    """Train (or resume) as `config` says; returns the summary. `after_step(step)` is called after
+    each optimizer step (benchmarks time steps with it; tests kill the process with it)."""
+    device = models.pick_device(config.device)
+    dtype = models.pick_compute_dtype(device)
+    config = resolve_defaults(config, device)
+    out = Path(config.out)
+    started = time.time()
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+
+    tokenizer = models.load_tokenizer(config.model)
+    train_rows, test_rows = split_rows(load_rows(config.dataset))
+    examples, dropped = encode_rows(tokenizer, train_rows, config.max_length)
+    held_out, _ = encode_rows(tokenizer, test_rows.select(range(min(config.eval_rows, len(test_rows)))),
+                              config.max_length)
+    if not examples:
+        raise TrainError(f"no training row fits --max-length {config.max_length}")
+    print(f"data: {len(examples):,} training rows ({dropped:,} longer than {config.max_length} tokens dropped), "
+          f"{len(held_out)} held-out rows for the loss")
+    schedule = schedule_micro_batches([len(e["input_ids"]) for e in examples], config)
+    windows = [schedule[i:i + config.grad_accum] for i in range(0, len(schedule), config.grad_accum)]
+    total_steps = min(len(windows), config.max_steps or len(windows))
+    warmup = warmup_for(total_steps, config.warmup_steps)
+    fingerprint = data_fingerprint(examples, schedule)
+    eval_batches = [collate(held_out[i:i + config.batch_size], tokenizer.pad_token_id)
+                    for i in range(0, len(held_out), config.batch_size)]
+
+    model = prepare_model(config, device, dtype)
+    print(trainable_report(model))
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    start_step, metrics_path = prepare_output(out, config, fingerprint, model, optimizer, scaler)
+    model.train()
+    history = read_metrics(metrics_path)
+    if start_step == 0:
+        record(metrics_path, history, {"step": 0, "held_out_loss": held_out_loss(model, eval_batches, device, dtype)})
+
+    completed, rng_after_completed = start_step, rng_state()
+    progress = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+    try:
+        for step in range(start_step, total_steps):
+            step_started = time.time()
+            lr = learning_rate(step, config.lr, warmup, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batches = [collate([examples[i] for i in micro], tokenizer.pad_token_id) for micro in windows[step]]
+            loss_value, window_tokens = accumulate_gradients(model, batches, device, dtype, scaler)
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip).item()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            completed, rng_after_completed = step + 1, rng_state()
+
+            seconds = time.time() - step_started
+            tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
+            record(metrics_path, history, {
+                "step": completed, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+                "supervised_tokens": window_tokens, "seconds": seconds, "tokens_per_s": tokens / seconds})
+            progress.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens / seconds:.0f}")
+            progress.update(1)
+            if completed % config.eval_every == 0 or completed == total_steps:
+                record(metrics_path, history,
+                       {"step": completed, "held_out_loss": held_out_loss(model, eval_batches, device, dtype)})
+            if completed % config.save_every == 0 or completed == total_steps:
+                save_checkpoint(out, completed, model, optimizer, scaler, rng_after_completed, config, fingerprint)
+            if after_step is not None:
+                after_step(completed)
+    except KeyboardInterrupt:
+        progress.close()
+        # An interrupted window's gradients are discarded: the checkpoint holds the state after the
+        # last completed step, with the random state as it was then.
+        optimizer.zero_grad(set_to_none=True)
+        save_checkpoint(out, completed, model, optimizer, scaler, rng_after_completed, config, fingerprint)
+        raise TrainError(f"interrupted: checkpoint at step {completed} saved in {out}; run again to resume") from None
+    progress.close()
+
+    save_adapter(model, out, config.lora_config())
+    plot_losses(history, out / "training_loss.png")
+    summary = summarize(config, model, history, time.time() - started, peak_memory_bytes(device), dropped)
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def prepare_output(out: Path, config: TrainConfig, fingerprint: str, model, optimizer, scaler) -> tuple[int, Path]:
+    """Resume from the latest checkpoint in `out`, or start fresh; returns (start step, metrics path)."""
+    metrics_path = out / "metrics.jsonl"
+    existing = checkpoint_dirs(out) if out.exists() else []
+    if existing and config.overwrite:
+        for directory in existing:
+            shutil.rmtree(directory)
+        metrics_path.unlink(missing_ok=True)
+        existing = []
+    out.mkdir(parents=True, exist_ok=True)
+    if not existing:
+        metrics_path.unlink(missing_ok=True)
+        (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+        return 0, metrics_path
+    latest = existing[-1]
+    saved = json.loads((latest / "state.json").read_text())
+    check_resumable(saved["config"], config, out)
+    if saved["data_fingerprint"] != fingerprint:
+        raise TrainError(f"the data differs from the run in {out}; use --overwrite to start over, or another --out")
+    step, rng = load_checkpoint(latest, model, optimizer, scaler)
+    restore_rng_state(rng)
+    truncate_metrics(metrics_path, step)
+    print(f"resuming from {latest.name} (step {step})")
+    return step, metrics_path
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the lines a killed run wrote after its last checkpoint; they will be written again."""
+    kept = [entry for entry in read_metrics(path) if entry["step"] <= step]
+    path.write_text("".join(json.dumps(entry) + "\n" for entry in kept))
+
+
+def record(path: Path, history: list[dict], entry: dict) -> None:
+    history.append(entry)
+    with path.open("a") as handle:
+        handle.write(json.dumps(entry) + "\n")
+
+
+def plot_losses(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(e["step"], e["loss"]) for e in history if "loss" in e]
+    held = [(e["step"], e["held_out_loss"]) for e in history if "held_out_loss" in e]
+    figure, axes = plt.subplots(figsize=(7, 4))
+    if train:
+        axes.plot(*zip(*train), label="train (per step)", alpha=0.6)
+    if held:
+        axes.plot(*zip(*held), "o-", label="held-out")
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("loss per supervised token")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def summarize(config: TrainConfig, model, history: list[dict], wall_s: float, peak_bytes: int, dropped: int) -> dict:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    steps = [e for e in history if "loss" in e]
+    held = [e["held_out_loss"] for e in history if "held_out_loss" in e]
+    tokens = sum(e["tokens"] for e in steps)
+    seconds = sum(e["seconds"] for e in steps)
+    return {
+        "trainable_params": trainable, "wall_s": round(wall_s, 1), "peak_memory_gb": round(peak_bytes / 1e9, 2),
+        "steps": len(steps), "final_train_loss": steps[-1]["loss"] if steps else None,
+        "held_out_loss_before": held[0] if held else None, "held_out_loss_after": held[-1] if held else None,
+        "tokens_per_s": round(tokens / seconds, 1) if seconds else None, "rows_dropped_too_long": dropped,
+        "epochs": config.epochs, "max_length": config.max_length, "qlora": config.qlora,
+    }
+
+
+def summary_line(summary: dict) -> str:
+    minutes, seconds = divmod(int(summary["wall_s"]), 60)
+    before, after = summary["held_out_loss_before"], summary["held_out_loss_after"]
+    return (f"done: trainable params {summary['trainable_params']:,} | wall {minutes}m{seconds:02d}s | "
+            f"peak memory {summary['peak_memory_gb']:.1f} GB | {summary['tokens_per_s']} tokens/s | "
+            f"train loss {summary['final_train_loss']:.4f} | held-out loss {before:.4f} -> {after:.4f}")
+
+
+# ----------------------------------------------------------------------------------- command line
+
+def parse_args(argv: list[str] | None) -> TrainConfig:
+    defaults = TrainConfig()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--model", default=defaults.model, help="Hugging Face id, local folder, or 'embedded' (Gemma 3 270M, default)")
+    add("--dataset", default=defaults.dataset,
+        help="Hugging Face dataset id, local .json/.jsonl/.parquet file or folder, or 'default' (embedded corpus)")
+    add("--out", default=None, help="output folder (default: outputs/lora_r{rank} or outputs/qlora_r{rank}); "
+        "a folder holding a checkpoint is resumed")
+    add("--rank", type=int, default=defaults.rank, help="LoRA rank r (default: %(default)s)")
+    add("--alpha", type=float, default=None, help="LoRA alpha (default: 2 * rank)")
+    add("--dropout", type=float, default=defaults.dropout, help="dropout on the LoRA input (default: %(default)s)")
+    add("--targets", default=defaults.targets,
+        help="comma-separated module names to adapt, or 'all-linear' (default: %(default)s)")
+    add("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
+    add("--qlora", action="store_true", help="quantize the decoder's linear layers to NF4 (QLoRA)")
+    add("--batch-size", type=int, default=defaults.batch_size, help="sequences per micro-batch (default: %(default)s)")
+    add("--grad-accum", type=int, default=defaults.grad_accum,
+        help="micro-batches per optimizer step (default: %(default)s)")
+    add("--lr", type=float, default=defaults.lr, help="peak learning rate (default: %(default)s)")
+    add("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW weight decay (default: %(default)s)")
+    add("--warmup-steps", type=int, default=defaults.warmup_steps,
+        help="linear warmup steps, capped at 5%% of the run (default: %(default)s)")
+    add("--epochs", type=int, default=None,
+        help=f"passes over the data (default: {STUDY_EPOCHS}; {EMBEDDED_CPU_EPOCHS} for the embedded defaults on a CPU)")
+    add("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    add("--max-length", type=int, default=None,
+        help=f"drop longer rows (default: {STUDY_MAX_LENGTH}; {EMBEDDED_CPU_MAX_LENGTH} for the embedded defaults on a CPU)")
+    add("--grad-clip", type=float, default=defaults.grad_clip, help="gradient norm clip (default: %(default)s)")
+    add("--seed", type=int, default=defaults.seed, help="seed for init, dropout and data order (default: %(default)s)")
+    add("--save-every", type=int, default=defaults.save_every, help="checkpoint every N steps (default: %(default)s)")
+    add("--eval-every", type=int, default=defaults.eval_every, help="held-out loss every N steps (default: %(default)s)")
+    add("--eval-rows", type=int, default=defaults.eval_rows, help="held-out rows for the loss (default: %(default)s)")
+    add("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
+    add("--overwrite", action="store_true", help="discard an existing checkpoint in --out instead of resuming")
+    args = parser.parse_args(argv)
+    values = vars(args)
+    if values["out"] is None:
+        values["out"] = f"outputs/{'qlora' if args.qlora else 'lora'}_r{args.rank}"
+    for name in ("rank", "batch_size", "grad_accum", "save_every", "eval_every", "eval_rows"):
+        if values[name] < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    return TrainConfig(**values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(argv)
+    # Make a plain `kill` behave like Ctrl-C: save a checkpoint, then exit.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        summary = run(config)
+    except (TrainError, DataError, AdapterError, models.ModelLoadError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(summary_line(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
