@@ -49,7 +49,7 @@ from tqdm import tqdm
 import models
 from data.dataset import DataError, load_rows, split_rows, user_turn
 from generate import Completion, GenerateError, GenerationSettings, Generator, extract_code, write_jsonl
-from lora import AdapterError
+from lora import AdapterError, read_adapter_config
 from sandbox import Limits, Outcome, run_programs
 
 OUTPUTS = Path("outputs")
@@ -519,9 +519,8 @@ def model_specs(model: str, outputs: Path, adapters: Sequence[str] | None, skip_
         folders = sorted(config.parent for config in outputs.glob("*/adapter_config.json"))
     else:
         folders = [Path(adapter) for adapter in adapters]
-        missing = [str(folder) for folder in folders if not (folder / "adapter_config.json").is_file()]
-        if missing:
-            raise EvaluateError(f"not an adapter folder (no adapter_config.json): {missing[0]}")
+    for folder in folders:
+        read_adapter_config(folder)  # a bad adapter fails now, not after the models before it ran
     labels = [folder.name for folder in folders]
     if len(set(labels)) != len(labels) or "base" in labels or "reference" in labels:
         raise EvaluateError(f"adapter folder names must be unique and not 'base' or 'reference': {labels}")

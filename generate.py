@@ -131,6 +131,7 @@ class Generator:
         tokenizer.padding_side = "left"  # new tokens then start at the same position in every row
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
+        self.pad_id = tokenizer.pad_token_id
         self.stop_ids = [tokenizer.eos_token_id]
         for marker in STOP_MARKERS:
             token_id = tokenizer.convert_tokens_to_ids(marker)
@@ -194,16 +195,17 @@ class Generator:
         return GenerationConfig(
             max_new_tokens=settings.max_new_tokens, do_sample=sampling,
             temperature=settings.temperature if sampling else None, top_p=settings.top_p if sampling else None,
-            top_k=None, eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id,
+            top_k=None, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
             stop_strings=list(stop_strings) or None,
         )
 
     def _to_completion(self, ids: list[int], stop_strings: Sequence[str]) -> Completion:
-        stops = [position for position, token in enumerate(ids) if token in self.stop_ids]
-        # Rows that stopped early are padded to the batch's length; count only what was generated.
-        generated = stops[0] + 1 if stops else len(ids)
-        kept = stops[0] if stops else len(ids)
-        text = self.tokenizer.decode(ids[:kept], skip_special_tokens=True)
+        # A row that finished before the rest of its batch (stop token or stop string) is padded to the
+        # batch's length: it ends at its first stop token or padding. A stop token was generated, padding not.
+        ends = (position for position, token in enumerate(ids) if token in self.stop_ids or token == self.pad_id)
+        end = next(ends, len(ids))
+        generated = end + 1 if end < len(ids) and ids[end] in self.stop_ids else end
+        text = self.tokenizer.decode(ids[:end], skip_special_tokens=True)
         for stop in stop_strings:
             text = text.split(stop, 1)[0]
         return Completion(text, generated)
