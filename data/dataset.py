@@ -132,18 +132,19 @@ def encode_example(tokenizer, instruction: str, input: str, output: str) -> dict
     return _encode_batch(tokenizer, [(instruction, input, output)])[0]
 
 
-def _encode_batch(tokenizer, rows: list[tuple[str, str, str]]) -> list[dict]:
+def _encode_batch(tokenizer, rows: list[tuple[str, str, str]], first_row: int = 0) -> list[dict]:
     prompts = [user_turn(instruction, input) for instruction, input, _ in rows]
     texts = [prompt + output + END_OF_TURN for prompt, (_, _, output) in zip(prompts, rows)]
     prompt_ids = tokenizer(prompts)["input_ids"]
     full_ids = tokenizer(texts)["input_ids"]
     end_of_turn = tokenizer.convert_tokens_to_ids(END_OF_TURN)
     encoded = []
-    for prompt, ids in zip(prompt_ids, full_ids):
+    for row, (prompt, ids) in enumerate(zip(prompt_ids, full_ids), start=first_row):
         # Masking by prompt length is only right if the prompt tokenizes the same alone and inside
         # the full text; a tokenizer that merges across the boundary would shift every label.
         if ids[: len(prompt)] != prompt or len(ids) <= len(prompt):
-            raise DataError("the tokenizer merges the prompt with the response; cannot mask the prompt exactly")
+            raise DataError(f"row {row}: the tokenizer merges the end of the prompt with the start of the response "
+                            "(does the output start with a newline?), so the prompt cannot be masked exactly")
         if ids[-1] != end_of_turn:
             raise DataError(f"the tokenizer has no single {END_OF_TURN} token; is it a Gemma tokenizer?")
         encoded.append({"input_ids": ids, "labels": [IGNORE_INDEX] * len(prompt) + ids[len(prompt):]})
@@ -157,7 +158,7 @@ def encode_rows(tokenizer, rows, max_length: int, chunk: int = 256) -> tuple[lis
     examples, dropped = [], 0
     with tqdm(total=len(rows), desc="tokenizing", unit="row") as progress:
         for start in range(0, len(rows), chunk):
-            for example in _encode_batch(tokenizer, _triples(rows[start : start + chunk])):
+            for example in _encode_batch(tokenizer, _triples(rows[start : start + chunk]), first_row=start):
                 if len(example["input_ids"]) > max_length:
                     dropped += 1
                 else:
