@@ -13,7 +13,7 @@ OUT ?=
 TRAIN_FLAGS = --model $(MODEL) --dataset $(DATASET) --rank $(RANK) \
 	$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(MAX_STEPS),--max-steps $(MAX_STEPS)) $(if $(OUT),--out $(OUT))
 
-.PHONY: venv test train qlora
+.PHONY: venv test train qlora data
 
 venv: .venv/.runtime-installed
 
@@ -37,3 +37,13 @@ train: venv
 # QLoRA: NF4 base + LoRA; default output outputs/qlora_r$(RANK).
 qlora: venv
 	$(PYTHON) train.py --qlora $(TRAIN_FLAGS)
+
+# Rebuild the embedded corpus data/python_pairs.parquet (and data/NOTICE) from the pinned packages in
+# requirements-data.txt, in a virtualenv of its own so the mined packages never enter .venv.
+.venv-data/.installed: requirements-data.txt
+	python3 -m venv .venv-data
+	.venv-data/bin/pip install -q -r requirements-data.txt
+	touch $@
+
+data: .venv-data/.installed
+	.venv-data/bin/python data/build_corpus.py
