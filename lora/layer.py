@@ -51,9 +51,14 @@ class LoRALinear(nn.Module):
         result = self.base(x)
         if self.disabled or self.merged:
             return result
-        # Under autocast the two small matmuls run in the autocast dtype; without it, in float32.
-        update = self.lora_B(self.lora_A(self.dropout(x).to(self.lora_A.weight.dtype)))
-        return (result + update * self.scaling).to(x.dtype)
+        input_dtype = x.dtype
+        x = self.dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):
+            # Without autocast the update is computed in float32; under it, autocast picks the dtype
+            # of the two small matmuls and a cast here would only cost a copy.
+            x = x.to(self.lora_A.weight.dtype)
+        update = self.lora_B(self.lora_A(x))
+        return (result + update * self.scaling).to(input_dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """s * B @ A in float32: the change this adapter makes to the base weight."""
