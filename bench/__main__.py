@@ -1,0 +1,194 @@
+"""Benchmark our LoRA/QLoRA training loop against PEFT + Hugging Face Trainer, side by side.
+
+    python -m bench                                 # `make bench`: everything, embedded Gemma 3 270M
+    python -m bench --variants lora,peft-lora --steps 2
+    python -m bench --model random-gemma-2-2b --device cuda   # GPU: Gemma-2-2B's shapes, length 768
+
+Trains a fixed number of optimizer steps on the same micro-batches with (1) our LoRA, (2) our
+QLoRA, (3) PEFT + Trainer LoRA and (4) PEFT + Trainer + bitsandbytes 4-bit QLoRA, each in its own
+process, one after another (see bench/training.py). Warm-up steps are left out of the timing.
+Then compares batched greedy generation with Hugging Face `generate` one prompt at a time
+(bench/generation.py). Writes its section of the report (default bench/RESULTS.md; a CPU run
+and a GPU run each keep their own section) with the machine, the date and this command. Timings are only meaningful on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import models
+import train
+from bench.measure import machine_description, matmul_flops_per_second
+from bench.report import LABELS, Summary, generation_summary, generation_table, target_lines, training_table
+from bench.training import RANDOM_GEMMA2_2B, VARIANTS, BenchSettings, random_model_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+STUDY_A100_REFERENCE = ("The study, for comparison (Gemma-2-2B, A100 40GB, fp16, its real rows of up to 768 tokens): "
+                        "LoRA 0.98 s and QLoRA 1.9 s per optimizer step of 16 sequences.")
+DEFAULT_OUTPUT = ROOT / "bench" / "RESULTS.md"
+
+
+def run_worker(module: str, arguments: list[str]) -> dict:
+    """Run `python -m module arguments --result FILE` in a fresh process; return what it wrote."""
+    with tempfile.TemporaryDirectory() as scratch:
+        result = Path(scratch) / "result.json"
+        command = [sys.executable, "-m", module, *arguments, "--result", str(result)]
+        if subprocess.run(command, cwd=ROOT).returncode != 0:
+            raise SystemExit(f"python -m {module} {shlex.join(arguments[:2])} failed; its output is above")
+        return json.loads(result.read_text())
+
+
+def hyperparameters() -> str:
+    """train.py's defaults (the study's), which every variant uses."""
+    config = train.TrainConfig()
+    return (f"LoRA r={config.rank}, alpha {config.alpha or 2 * config.rank:g}, dropout {config.dropout} on "
+            f"{config.targets.replace(',', '/')} (adapters in fp32), batch {config.batch_size} x accumulation "
+            f"{config.grad_accum}, AdamW lr {config.lr} held constant, weight decay {config.weight_decay}, "
+            f"clip {config.grad_clip}, bf16 autocast (fp16 on GPUs without bf16)")
+
+
+def document(kind: str, command: str, settings: BenchSettings, results: list[dict], generation: dict | None,
+             matmul_flops: float, matmul_size: int, machine: str, minutes: float) -> str:
+    """This run's section of the report (kind: CPU or GPU): its figures, where and how they were taken."""
+    summaries = [Summary.of(result, settings.warmup_steps) for result in results]
+    parts = [
+        f"## {kind} figures",
+        "",
+        f"Written by `{command}` on {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z} "
+        f"(the whole run took {minutes:.1f} min).",
+        f"Machine: {machine}. Device: {settings.device}. bf16 matmul, {matmul_size}^3: "
+        f"{matmul_flops / 1e12:.2f} TFLOP/s (measured by the same run).",
+        f"Model: {settings.model}; data: {settings.dataset if settings.model != RANDOM_GEMMA2_2B else 'random ids'}, "
+        f"rows up to {results[0]['max_length']} tokens, the first {settings.warmup_steps + settings.steps} optimizer "
+        "steps of train.py's own schedule, the same micro-batches in the same order for every variant. "
+        f"{settings.warmup_steps} warm-up step(s), then {settings.steps} timed.",
+        f"Every variant: {hyperparameters()}.",
+        "",
+        training_table(summaries, matmul_flops),
+        "",
+    ]
+    if settings.model == RANDOM_GEMMA2_2B:
+        parts += [STUDY_A100_REFERENCE, ""]
+    targets = target_lines(summaries)
+    if targets:
+        parts += ["Targets (issue 6; memory is the whole-run peak):", "", *targets, ""]
+    if generation:
+        parts += ["### Generation", "", generation_table(generation), "", generation_summary(generation), ""]
+    return "\n".join(parts)
+
+
+SECTION = re.compile(r"<!-- (\w+) figures -->\n(.*?)<!-- end -->\n", re.DOTALL)
+
+
+def merged_report(previous: str, kind: str, section: str) -> str:
+    """The report with this run's section (CPU or GPU) replaced and the other kind's kept."""
+    sections = dict(SECTION.findall(previous))
+    sections[kind] = section
+    body = "".join(f"<!-- {name} figures -->\n{text}<!-- end -->\n" for name, text in sorted(sections.items()))
+    return f"{TITLE}\n\n{body}\n{NOTES}"
+
+
+TITLE = "# Training benchmark: our loop vs PEFT + Hugging Face Trainer"
+NOTES = """## How to read this
+
+- Variants: """ + "; ".join(f"{label} = `{name}`" for name, label in LABELS.items()) + """.
+  (1) and (2) run train.py's `prepare_model` and `accumulate_gradients` and its optimizer step (clip,
+  AdamW), without its evaluation and checkpoints. (3) loads the same bf16 weights with the same
+  attention implementation, wraps them with `peft.get_peft_model`, and trains with
+  `transformers.Trainer` (`bf16=True`, `DataCollatorForSeq2Seq`, sequential sampler, AdamW torch).
+  (4) loads the model with `BitsAndBytesConfig` (NF4, double quantization, bf16 compute) and runs
+  `peft.prepare_model_for_kbit_training` with its defaults, as the study did: that switches on
+  gradient checkpointing and casts the non-quantized weights (embeddings, norms) to fp32.
+- Tokens/s counts supervised tokens (those with a label: the answers), the same count for every variant.
+- Peak memory: resident set size on the CPU (ru_maxrss), `torch.cuda.max_memory_allocated` on CUDA.
+  "Training" is the peak during the optimizer steps (reset after loading); "whole run" includes
+  loading, e.g. our QLoRA reads the float32 weights before quantizing them.
+- Loss: per supervised token over each optimizer step's whole window. At step 1 the LoRA B matrices
+  are zero, so (1) and (3) compute the same function and agree to bf16 rounding; (2) and (4) differ
+  a little (both NF4, but (4) runs norms and embeddings in fp32 and gets its NF4 codes through
+  transformers' loading path, ours from the float32 weights). Later steps also differ by LoRA
+  initialization and dropout draws: within noise.
+- Useful FLOPs per step (bench/measure.py `useful_step_flops`), the same count for every variant:
+  frozen decoder linears 2N forward + 2N input gradient per non-pad token (no weight gradient for
+  frozen weights: not 6N); LoRA 6 x its weights per token; causal attention scores and sums, 3x the
+  forward; the 262k-wide LM head 2Vh forward + 2Vh input gradient per supervised token only. Work on
+  padding, logits at unlabelled positions and gradient-checkpointing recomputation are not counted.
+  "Of bf16 matmul" divides by the square-matmul throughput measured above.
+"""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = BenchSettings()
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="timed optimizer steps (default: %(default)s)")
+    parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps,
+                        help="untimed optimizer steps first (default: %(default)s)")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="comma-separated, from " + ", ".join(VARIANTS) + " (default: all)")
+    parser.add_argument("--model", default=defaults.model,
+                        help=f"'embedded' (Gemma 3 270M, default), a model folder or Hugging Face id, or "
+                             f"'{RANDOM_GEMMA2_2B}' (random weights with Gemma-2-2B's shapes and random rows of "
+                             "768 tokens, for GPUs)")
+    parser.add_argument("--dataset", default=defaults.dataset,
+                        help="rows to train on, as train.py's --dataset (default: the embedded corpus)")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="drop longer rows (default: train.py's for this model and device)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--generate-prompts", type=int, default=16,
+                        help="held-out prompts for the generation comparison; 0 skips it (default: %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="generation limit (default: %(default)s)")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="report file (default: bench/RESULTS.md)")
+    args = parser.parse_args(argv)
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variant(s) {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
+    if args.steps < 1 or args.warmup_steps < 0:
+        parser.error("--steps must be >= 1 and --warmup-steps >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.time()
+    device = models.pick_device(args.device)
+    settings = BenchSettings(model=args.model, dataset=args.dataset, device=str(device), steps=args.steps,
+                             warmup_steps=args.warmup_steps, max_length=args.max_length)
+    matmul_size = 8192 if device.type == "cuda" else 2048  # 2048 is already past the CPU's plateau
+    matmul_flops = matmul_flops_per_second(device, matmul_size)
+    print(f"bf16 matmul {matmul_size}^3: {matmul_flops / 1e12:.2f} TFLOP/s", flush=True)
+    if args.model == RANDOM_GEMMA2_2B:
+        random_model_dir()  # written once here, not by each worker
+    settings_json = json.dumps(dataclasses.asdict(settings))
+    results = []
+    for variant in args.variants.split(","):
+        print(f"--- {LABELS[variant]}", flush=True)
+        results.append(run_worker("bench.training", ["--variant", variant, "--settings", settings_json]))
+    generation = None
+    if args.generate_prompts > 0 and args.model != RANDOM_GEMMA2_2B:  # the random model has no tokenizer
+        print("--- generation", flush=True)
+        generation = run_worker("bench.generation", ["--settings", settings_json, "--prompts", str(args.generate_prompts),
+                                                     "--max-new-tokens", str(args.max_new_tokens)])
+    command = shlex.join(["python", "-m", "bench", *(sys.argv[1:] if argv is None else argv)])
+    kind = "GPU" if device.type == "cuda" else "CPU"
+    section = document(kind, command, settings, results, generation, matmul_flops, matmul_size,
+                       machine_description(device), (time.time() - started) / 60)
+    previous = args.output.read_text() if args.output.exists() else ""
+    args.output.write_text(merged_report(previous, kind, section))
+    print(section)
+    print(f"written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

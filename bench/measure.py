@@ -1,0 +1,137 @@
+"""What the benchmark measures: step times, peak memory, the machine's matmul throughput, and the
+useful FLOPs of a training step (one model, the same for every variant)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import time
+from collections.abc import Sequence
+
+import torch
+
+# The LoRA targets every variant trains; the FLOP count below assumes exactly these.
+ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class TrainingMeter:
+    """Step times and peak memory of a training run: `start()` right before the first optimizer
+    step (after loading), `tick()` after each step."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stamps: list[float] = []
+        self.loading_peak_bytes = 0
+
+    def start(self) -> None:
+        self.loading_peak_bytes = peak_memory_bytes(self.device)
+        reset_peak_memory(self.device)
+        synchronize(self.device)
+        self.stamps = [time.perf_counter()]
+
+    def tick(self) -> None:
+        synchronize(self.device)
+        self.stamps.append(time.perf_counter())
+
+    def step_seconds(self) -> list[float]:
+        return [later - earlier for earlier, later in zip(self.stamps, self.stamps[1:])]
+
+    def training_peak_bytes(self) -> int:
+        return peak_memory_bytes(self.device)
+
+
+# ---------------------------------------------------------------------------------- memory
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak since the process started or since the last `reset_peak_memory`: resident set size on
+    the CPU (the weights, activations and allocator slack all live there), allocated bytes on CUDA."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak, so loading the model (ours loads float32 before quantizing for QLoRA) is
+    told apart from training. On Linux, writing 5 to clear_refs resets the RSS high-water mark that
+    ru_maxrss reports; where that is not allowed the peak simply stays the whole-process one."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------------------------- the machine
+
+def machine_description(device: torch.device) -> str:
+    cpu = _cpu_model() or platform.processor() or platform.machine()
+    text = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads"
+    if device.type == "cuda":
+        text += f"; GPU {torch.cuda.get_device_name(device)}"
+    return text
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def matmul_flops_per_second(device: torch.device, size: int, seconds: float = 2.0) -> float:
+    """bf16 throughput of square matmuls of `size`: the ceiling the FLOP/s of each variant is held
+    against. Repeats for about `seconds` after a warm-up."""
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    synchronize(device)
+    repeats, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        for _ in range(4):
+            a @ b
+        repeats += 4
+        synchronize(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - started)
+
+
+# ---------------------------------------------------------------------------------- FLOP model
+
+def useful_step_flops(config, rank: int, sequence_lengths: Sequence[int], supervised_tokens: int) -> int:
+    """FLOPs a LoRA step must do, counting each multiply-add as 2 and nothing any variant could skip:
+
+    - frozen decoder linears (N weights): forward 2*N per token, plus the input gradient 2*N per token
+      on the way back (frozen weights need no weight gradient, so not the usual 6*N);
+    - LoRA A and B on q/k/v/o (N_lora weights): forward, input gradient and weight gradient, 6*N_lora;
+    - attention scores and weighted sum, causal (t keys for query t): 4*heads*head_dim*L(L+1)/2 per
+      layer forward, twice that backward (gradients for q, k and v); sliding windows are ignored
+      (they are longer than these sequences);
+    - the LM head only where a label exists: forward 2*V*h plus input gradient 2*V*h per supervised
+      token.
+
+    Tokens are the non-pad tokens. Work on padding, logits at unlabelled positions, or recomputation
+    by gradient checkpointing is not counted: it is not useful, and the fast variants avoid it.
+    """
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    query_width = config.num_attention_heads * config.head_dim
+    key_width = config.num_key_value_heads * config.head_dim
+    attention_weights = hidden * query_width + 2 * hidden * key_width + query_width * hidden
+    decoder_weights = layers * (attention_weights + 3 * hidden * config.intermediate_size)
+    lora_weights = layers * rank * ((hidden + query_width) + 2 * (hidden + key_width) + (query_width + hidden))
+    tokens = sum(sequence_lengths)
+    attention_core = layers * 4 * query_width * sum(length * (length + 1) // 2 for length in sequence_lengths)
+    head = config.vocab_size * hidden
+    return 4 * decoder_weights * tokens + 6 * lora_weights * tokens + 3 * attention_core + 4 * head * supervised_tokens

@@ -1,0 +1,105 @@
+"""Turn the workers' measurements into bench/RESULTS.md: one table, ratios to PEFT + Trainer LoRA,
+the issue's targets, and how every figure is defined."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from statistics import mean
+
+BASELINE = "peft-lora"
+LABELS = {
+    "lora": "(1) ours, LoRA",
+    "qlora": "(2) ours, QLoRA (NF4)",
+    "peft-lora": "(3) PEFT + HF Trainer, LoRA",
+    "peft-qlora": "(4) PEFT + HF Trainer, bnb 4-bit QLoRA",
+}
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Summary:
+    """One variant's figures over its timed steps (the warm-up steps left out)."""
+
+    variant: str
+    seconds_per_step: float
+    tokens_per_s: float  # supervised (labelled) tokens
+    flops_per_s: float  # useful FLOPs, see measure.useful_step_flops
+    peak_training_bytes: int
+    peak_run_bytes: int  # loading included
+    first_loss: float  # step 1: the adapters are still zero, so every variant sees the same function
+    timed_loss: float
+
+    @classmethod
+    def of(cls, result: dict, warmup_steps: int) -> Summary:
+        seconds = result["step_seconds"][warmup_steps:]
+        return cls(
+            variant=result["variant"],
+            seconds_per_step=mean(seconds),
+            tokens_per_s=sum(result["supervised_tokens"][warmup_steps:]) / sum(seconds),
+            flops_per_s=sum(result["useful_flops"][warmup_steps:]) / sum(seconds),
+            peak_training_bytes=result["peak_training_bytes"],
+            peak_run_bytes=max(result["peak_training_bytes"], result["peak_loading_bytes"]),
+            first_loss=result["losses"][0],
+            timed_loss=mean(result["losses"][warmup_steps:]),
+        )
+
+
+def training_table(summaries: list[Summary], matmul_flops: float) -> str:
+    base = next((s for s in summaries if s.variant == BASELINE), None)
+
+    def ratio(value: float, reference: float | None) -> str:
+        return f"{value / reference:.2f}x" if reference else "-"
+
+    lines = [
+        "| variant | s / step | supervised tokens/s | tokens/s vs (3) | peak memory, training (GB) | "
+        "peak memory, whole run (GB) | whole-run memory vs (3) | loss, step 1 | loss, timed steps | "
+        "useful TFLOP/s | of bf16 matmul |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in summaries:
+        lines.append(
+            f"| {LABELS[s.variant]} | {s.seconds_per_step:.2f} | {s.tokens_per_s:.1f} | "
+            f"{ratio(s.tokens_per_s, base and base.tokens_per_s)} | {s.peak_training_bytes / GB:.2f} | "
+            f"{s.peak_run_bytes / GB:.2f} | {ratio(s.peak_run_bytes, base and base.peak_run_bytes)} | "
+            f"{s.first_loss:.4f} | {s.timed_loss:.4f} | {s.flops_per_s / 1e12:.3f} | "
+            f"{100 * s.flops_per_s / matmul_flops:.1f}% |"
+        )
+    return "\n".join(lines)
+
+
+def target_lines(summaries: list[Summary]) -> list[str]:
+    """The issue's targets, each with its measured value; targets whose variants were not run are skipped."""
+    by_name = {s.variant: s for s in summaries}
+    ours, quantized, base = by_name.get("lora"), by_name.get("qlora"), by_name.get(BASELINE)
+    checks = []
+    if ours and base:
+        speedup = ours.tokens_per_s / base.tokens_per_s
+        memory = ours.peak_run_bytes / base.peak_run_bytes
+        checks += [(f"our LoRA >= 2x the tokens/s of (3): {speedup:.2f}x", speedup >= 2.0),
+                   (f"our LoRA <= 0.7x the peak memory of (3): {memory:.2f}x", memory <= 0.7)]
+    if ours and quantized:
+        slowdown = quantized.seconds_per_step / ours.seconds_per_step
+        checks += [(f"our QLoRA at most 1.3x slower than our LoRA: {slowdown:.2f}x", slowdown <= 1.3),
+                   (f"our QLoRA uses less peak memory than our LoRA: {quantized.peak_run_bytes / GB:.2f} GB vs "
+                    f"{ours.peak_run_bytes / GB:.2f} GB", quantized.peak_run_bytes < ours.peak_run_bytes)]
+    return [f"- {'met' if met else 'NOT met'}: {text}" for text, met in checks]
+
+
+def generation_table(result: dict) -> str:
+    rows = [("ours: generate.Generator, batches of " + str(result["batch_size"]), "batched"),
+            ("Hugging Face `generate`, one prompt at a time", "single")]
+    lines = ["| generation | new tokens | seconds | new tokens/s | s / prompt |", "|---|---:|---:|---:|---:|"]
+    for label, key in rows:
+        tokens, seconds = result[f"{key}_new_tokens"], result[f"{key}_seconds"]
+        lines.append(f"| {label} | {tokens} | {seconds:.1f} | {tokens / seconds:.1f} | "
+                     f"{seconds / result['prompts']:.2f} |")
+    return "\n".join(lines)
+
+
+def generation_summary(result: dict) -> str:
+    speedup = (result["batched_new_tokens"] / result["batched_seconds"]) / (
+        result["single_new_tokens"] / result["single_seconds"])
+    return (f"{result['prompts']} held-out prompts, greedy, at most {result['max_new_tokens']} new tokens, stopping at "
+            f"`<end_of_turn>` or EOS. Batched is {speedup:.2f}x the tokens/s of one at a time; "
+            f"{result['identical_completions']}/{result['prompts']} completions are identical (bf16 with left "
+            "padding can flip a near-tie in a greedy choice).")

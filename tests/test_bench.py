@@ -1,0 +1,78 @@
+"""Smoke test of `make bench` on a tiny random Gemma 3: every variant trains, step 1's loss agrees
+across variants (same function, same rows), and the command writes its report."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import Gemma3TextConfig
+
+from bench.__main__ import merged_report
+from bench.measure import useful_step_flops
+from bench.report import Summary, target_lines, training_table
+from bench.training import VARIANTS, BenchSettings, measure_variant
+from conftest import build_tiny_model, make_tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory) -> BenchSettings:
+    root = tmp_path_factory.mktemp("bench")
+    build_tiny_model("gemma3").save_pretrained(root / "model")
+    make_tiny_tokenizer().save_pretrained(root / "model")
+    rows = [{"instruction": f"Return {i} squared.", "output": f"def square_{i}():\n    return {i} * {i}"}
+            for i in range(60)]
+    (root / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return BenchSettings(model=str(root / "model"), dataset=str(root / "rows.jsonl"), steps=1, warmup_steps=1,
+                         max_length=128)
+
+
+def test_all_variants_train_on_the_same_rows_and_agree_at_step_one(tiny_bench):
+    results = {variant: measure_variant(variant, tiny_bench) for variant in VARIANTS}
+    for result in results.values():
+        assert len(result["step_seconds"]) == len(result["losses"]) == 2
+        assert result["supervised_tokens"] == results["lora"]["supervised_tokens"]
+        assert result["peak_training_bytes"] > 0
+    # The LoRA B matrices start at zero: step 1 is the base model's loss, ours and PEFT's alike.
+    assert results["lora"]["losses"][0] == pytest.approx(results["peft-lora"]["losses"][0], rel=1e-3)
+    assert results["qlora"]["losses"][0] == pytest.approx(results["peft-qlora"]["losses"][0], rel=1e-2)
+
+    summaries = [Summary.of(result, warmup_steps=1) for result in results.values()]
+    table = training_table(summaries, matmul_flops=1e12)
+    assert table.count("\n") == 1 + len(VARIANTS) and "| 1.00x |" in table
+    assert len(target_lines(summaries)) == 4
+
+
+def test_flop_model_matches_the_rule_of_thumb_for_gemma3_270m():
+    # GUIDE: a training token of Gemma 3 270M costs about 4 x 268M FLOP (all positions supervised).
+    config = Gemma3TextConfig(vocab_size=262_144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+                              num_attention_heads=4, num_key_value_heads=1, head_dim=256)
+    per_token = useful_step_flops(config, rank=16, sequence_lengths=[1] * 1000, supervised_tokens=1000) / 1000
+    assert per_token == pytest.approx(4 * 268e6, rel=0.02)
+    # Without labels the head costs nothing: 4 x the 100,270,080 decoder linear weights, 6 x the
+    # 1,474,560 LoRA weights, and 3 x the attention of a one-token sequence (4 x 1024 per layer).
+    unlabelled = useful_step_flops(config, rank=16, sequence_lengths=[1], supervised_tokens=0)
+    assert unlabelled == 4 * 100_270_080 + 6 * 1_474_560 + 3 * 18 * 4 * 1024
+
+
+def test_make_bench_command_writes_its_report(tiny_bench, tmp_path):
+    output = tmp_path / "RESULTS.md"
+    command = [sys.executable, "-m", "bench", "--model", tiny_bench.model, "--dataset", tiny_bench.dataset,
+               "--max-length", "128", "--variants", "lora", "--steps", "1", "--warmup-steps", "1",
+               "--generate-prompts", "2", "--max-new-tokens", "4", "--output", str(output)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = output.read_text()
+    assert "## CPU figures" in report and "| (1) ours, LoRA |" in report and "TFLOP/s" in report
+    assert "one prompt at a time" in report and "python -m bench --model" in report
+
+
+def test_a_run_replaces_its_own_section_and_keeps_the_other_device_s():
+    report = merged_report("", "GPU", "## GPU figures\nold\n")
+    report = merged_report(report, "CPU", "## CPU figures\ncpu\n")
+    report = merged_report(report, "GPU", "## GPU figures\nnew\n")
+    assert "cpu" in report and "new" in report and "old" not in report
+    assert report.index("## CPU figures") < report.index("## GPU figures") < report.index("## How to read this")
