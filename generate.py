@@ -27,6 +27,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 import models
 from data.dataset import user_turn
 from lora import AdapterError, load_adapter, read_adapter_config
+from lora.adapter import trained_on_nf4
 
 END_OF_TURN = "<end_of_turn>"
 START_OF_TURN = "<start_of_turn>"
@@ -146,11 +147,12 @@ class Generator:
             read_adapter_config(adapter)  # a bad adapter folder fails before the slow model load
         target = models.pick_device(device)
         tokenizer = models.load_tokenizer(model_name)
-        model = models.load_model(model_name, target, models.pick_compute_dtype(target))
+        # A QLoRA adapter meets the same NF4 base it was trained on.
+        nf4 = bool(adapter) and trained_on_nf4(adapter)
+        model = models.load_model(model_name, target, models.pick_compute_dtype(target), nf4=nf4)
         if adapter:
             # The LoRA update stays unmerged: adding it to bf16 weights would round much of it away.
             load_adapter(model, adapter)
-            model.eval()  # the injected layers start in training mode (dropout on)
         return cls(model, tokenizer)
 
     def complete(self, prompts: Sequence[str], settings: GenerationSettings, batch_size: int = 16,
@@ -293,24 +295,29 @@ def _repl(generator: Generator, settings: GenerationSettings) -> None:
         _answer(generator, instruction, settings)
 
 
-def _read_requests(path: Path) -> list[dict]:
-    """The JSON objects of a prompts file, each with a 'prompt' ready for the model."""
+def read_jsonl(path: Path, what: str) -> list[tuple[str, object]]:
+    """(where, value) for each non-blank line of a JSON-lines file, where = "FILE line N".
+    Raises GenerateError for an unreadable file, a line that is not JSON, or no `what` at all."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as error:
         raise GenerateError(f"cannot read {path}: {error}") from None
-    requests = []
+    records = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            records.append((f"{path} line {number}", json.loads(line)))
         except json.JSONDecodeError:
             raise GenerateError(f"{path} line {number}: not valid JSON") from None
-        requests.append(_request(record, f"{path} line {number}"))
-    if not requests:
-        raise GenerateError(f"{path} holds no prompts")
-    return requests
+    if not records:
+        raise GenerateError(f"{path} holds no {what}")
+    return records
+
+
+def _read_requests(path: Path) -> list[dict]:
+    """The JSON objects of a prompts file, each with a 'prompt' ready for the model."""
+    return [_request(record, where) for where, record in read_jsonl(path, "prompts")]
 
 
 def _request(record: object, where: str) -> dict:

@@ -94,18 +94,30 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
         raise ModelLoadError(f"cannot load a tokenizer from {name!r}: {_first_line(error)}") from None
 
 
-def load_model(name: str, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
-    """The frozen base model in `dtype` on `device`, in eval mode."""
+def load_model(name: str, device: torch.device, dtype: torch.dtype, nf4: bool = False) -> PreTrainedModel:
+    """The frozen base model in `dtype` on `device`, in eval mode.
+
+    With `nf4` (QLoRA) the decoder's linear layers are quantized to NF4 from the full-precision
+    weights, on the device, and dequantized to `dtype` when used. Training, generation and export
+    all quantize this way, so an adapter always meets the same 4-bit base it was trained on.
+    """
     path = resolve_model_path(name)
     try:
         config = AutoConfig.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, attn_implementation=attention_implementation(config.model_type)
+            path, dtype=torch.float32 if nf4 else dtype, attn_implementation=attention_implementation(config.model_type)
         )
     except Exception as error:
         raise ModelLoadError(f"cannot load model {name!r}: {_first_line(error)}") from None
     model.requires_grad_(False)
-    return model.to(device).eval()
+    model.to(device)
+    if nf4:
+        from quant import quantize_decoder_linears
+
+        before, after = quantize_decoder_linears(model, dtype)
+        model.to(dtype)
+        print(f"NF4: decoder linear weights {before / 2**20:,.0f} MiB (fp32) -> {after / 2**20:,.0f} MiB", flush=True)
+    return model.eval()
 
 
 def _first_line(error: BaseException) -> str:

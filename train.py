@@ -37,8 +37,7 @@ from tqdm import tqdm
 import models
 from data.dataset import DataError, batch_order, collate, encode_rows, load_rows, split_rows
 from lora import AdapterError, LoRAConfig, inject_lora, parse_target_modules, save_adapter, trainable_report
-from lora.adapter import adapter_state_dict, atomic_write, load_adapter_tensors, read_adapter_weights
-from quant import quantize_decoder_linears
+from lora.adapter import TRAINING_CONFIG_NAME, atomic_write, load_adapter_tensors, read_adapter_weights
 
 # On this 2-core CPU the study's 3 epochs at length 768 on the embedded corpus would take hours;
 # the embedded default trains less (README: "Training on the embedded defaults").
@@ -47,7 +46,7 @@ EMBEDDED_CPU_MAX_LENGTH = 512
 STUDY_EPOCHS = 3
 STUDY_MAX_LENGTH = 768
 # The 262k-wide logits are computed this many rows at a time, never all at once.
-LOSS_CHUNK_ROWS = 512
+LOSS_CHUNK_ROWS = 256
 # Settings that may change between a run and its resumption without changing the result.
 RESUMABLE_CHANGES = {"out", "save_every", "eval_every", "overwrite", "device"}
 
@@ -127,24 +126,33 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                 softcap: float | None, chunk_rows: int) -> torch.Tensor:
         hidden = hidden.to(weight.dtype)
+        count, vocab = hidden.shape[0], weight.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden)
-        for start in range(0, hidden.shape[0], chunk_rows):
-            rows = slice(start, start + chunk_rows)
-            logits = hidden[rows] @ weight.T
-            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-            tanh = None
+        # One set of [chunk, vocab] buffers serves every chunk and each step works in place: a fresh
+        # 262k-wide temporary per operation costs a pass over memory (and page faults on the CPU).
+        width = min(chunk_rows, count)
+        low = torch.empty(width, vocab, dtype=weight.dtype, device=hidden.device)
+        wide = torch.empty(width, vocab, dtype=torch.promote_types(weight.dtype, torch.float32), device=hidden.device)
+        tanh = torch.empty_like(wide) if softcap else None
+        for start in range(0, count, chunk_rows):
+            n = min(chunk_rows, count - start)
+            rows, logits, logits_low, chunk_targets = slice(start, start + n), wide[:n], low[:n], targets[start:start + n]
+            torch.mm(hidden[rows], weight.T, out=logits_low)
+            logits.copy_(logits_low)
             if softcap:
-                tanh = torch.tanh(logits / softcap)
-                logits = tanh * softcap
-            chunk_targets = targets[rows]
-            log_normalizer = torch.logsumexp(logits, dim=-1)
-            total += (log_normalizer - logits.gather(1, chunk_targets[:, None]).squeeze(1)).sum()
-            grad_logits = logits.sub_(log_normalizer[:, None]).exp_()  # softmax, in place
-            grad_logits[torch.arange(len(chunk_targets), device=hidden.device), chunk_targets] -= 1.0
-            if tanh is not None:
-                grad_logits.mul_(1.0 - tanh * tanh)
-            grad_hidden[rows] = grad_logits.to(weight.dtype) @ weight
+                torch.tanh(logits.div_(softcap), out=tanh[:n])
+                torch.mul(tanh[:n], softcap, out=logits)
+            logits.sub_(logits.amax(dim=1, keepdim=True))  # each row's largest logit is now 0
+            target_logits = logits.gather(1, chunk_targets[:, None]).squeeze(1)
+            sums = logits.exp_().sum(dim=1)
+            total += (sums.log() - target_logits).sum()
+            grad_logits = logits.div_(sums[:, None])  # softmax
+            grad_logits[torch.arange(n, device=hidden.device), chunk_targets] -= 1.0
+            if softcap:
+                grad_logits.mul_(tanh[:n].square_().neg_().add_(1.0))  # through the soft-cap: 1 - tanh^2
+            logits_low.copy_(grad_logits)
+            torch.mm(logits_low, weight, out=grad_hidden[rows])
         ctx.save_for_backward(grad_hidden)
         return total
 
@@ -287,15 +295,7 @@ def data_fingerprint(examples: list[dict], schedule: list[list[int]]) -> str:
 
 
 def prepare_model(config: TrainConfig, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    if config.qlora:
-        # Quantize from the full-precision weights (as `lora.export --nf4` does, so both see the same
-        # NF4 codes), then keep the rest of the model in the compute dtype.
-        model = models.load_model(config.model, device, torch.float32)
-        before, after = quantize_decoder_linears(model, dtype)
-        model.to(dtype)
-        print(f"NF4: decoder linear weights {before / 2**20:,.0f} MiB (fp32) -> {after / 2**20:,.0f} MiB")
-    else:
-        model = models.load_model(config.model, device, dtype)
+    model = models.load_model(config.model, device, dtype, nf4=config.qlora)
     lora = config.lora_config()
     inject_lora(model, lora.target_modules, lora.rank, lora.alpha, lora.dropout, lora.use_rslora)
     return model
@@ -322,6 +322,25 @@ def accumulate_gradients(model, batches: list[dict], device: torch.device, dtype
         scaler.scale(loss).backward()
         loss_value += loss.item()
     return loss_value, window_tokens
+
+
+def make_optimizer(model, config: TrainConfig, device: torch.device, dtype: torch.dtype):
+    """(trainable parameters, AdamW over them, GradScaler: active only for float16)."""
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    return parameters, optimizer, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+def optimizer_step(model, parameters: list, optimizer, scaler, batches: list[dict], device: torch.device,
+                   dtype: torch.dtype, grad_clip: float) -> tuple[float, int, float]:
+    """One optimizer step over its micro-batches; returns (loss, supervised tokens, gradient norm)."""
+    loss, tokens = accumulate_gradients(model, batches, device, dtype, scaler)
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, grad_clip).item()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, tokens, grad_norm
 
 
 def held_out_loss(model, batches: list[dict], device: torch.device, dtype: torch.dtype) -> float:
@@ -372,9 +391,7 @@ def run(config: TrainConfig, after_step: Callable[[int], None] | None = None) ->
 
     model = prepare_model(config, device, dtype)
     print(trainable_report(model))
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    parameters, optimizer, scaler = make_optimizer(model, config, device, dtype)
 
     start_step, metrics_path = prepare_output(out, config, fingerprint, model, optimizer, scaler)
     model.train()
@@ -391,12 +408,8 @@ def run(config: TrainConfig, after_step: Callable[[int], None] | None = None) ->
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batches = [collate([examples[i] for i in micro], tokenizer.pad_token_id) for micro in windows[step]]
-            loss_value, window_tokens = accumulate_gradients(model, batches, device, dtype, scaler)
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip).item()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            loss_value, window_tokens, grad_norm = optimizer_step(
+                model, parameters, optimizer, scaler, batches, device, dtype, config.grad_clip)
             completed, rng_after_completed = step + 1, rng_state()
 
             seconds = time.time() - step_started
@@ -441,7 +454,7 @@ def prepare_output(out: Path, config: TrainConfig, fingerprint: str, model, opti
     out.mkdir(parents=True, exist_ok=True)
     if not existing:
         metrics_path.unlink(missing_ok=True)
-        (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+        (out / TRAINING_CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
         return 0, metrics_path
     latest = existing[-1]
     saved = json.loads((latest / "state.json").read_text())
@@ -574,6 +587,9 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainError, DataError, AdapterError, models.ModelLoadError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before the loop started: there is nothing to save yet
+        print("error: interrupted before training started; nothing was saved", file=sys.stderr)
+        return 130
     print(summary_line(summary))
     return 0
 

@@ -28,6 +28,8 @@ from .inject import ALL_LINEAR, inject_lora, lora_layers
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 KEY_PREFIX = "base_model.model."
+# train.py writes its settings here, beside the adapter; "qlora": true means it was trained on an NF4 base.
+TRAINING_CONFIG_NAME = "train_config.json"
 
 # Features of PEFT's LoRA config that change the maths; we refuse adapters that use them rather than
 # load them wrongly. Each maps to the value that means "not used".
@@ -112,6 +114,16 @@ def read_adapter_config(directory: str | Path) -> LoRAConfig:
     if not isinstance(raw, dict):
         raise AdapterError(f"{path} does not hold a JSON object")
     return LoRAConfig.from_peft_json(raw, str(path))
+
+
+def trained_on_nf4(directory: str | Path) -> bool:
+    """Whether train.py trained this adapter on an NF4 base (then it should meet that base again).
+    Adapters from elsewhere (PEFT) carry no such record and count as trained on a float base."""
+    path = Path(directory) / TRAINING_CONFIG_NAME
+    try:
+        return bool(json.loads(path.read_text()).get("qlora", False))
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
 
 
 def read_adapter_weights(directory: str | Path) -> dict[str, torch.Tensor]:

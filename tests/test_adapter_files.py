@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import build_tiny_model, make_tiny_tokenizer
 from lora import AdapterError, LoRAConfig, export_merged, inject_lora, load_adapter, lora_layers, save_adapter
+from lora.adapter import trained_on_nf4
 from quant import quantize_decoder_linears
 
 IDS = torch.tensor([[2, 10, 40, 77, 120, 33, 250, 5, 9]])
@@ -178,3 +179,11 @@ def test_export_of_a_qlora_model_merges_into_dequantized_weights(kind, tmp_path)
     export_merged(model, make_tiny_tokenizer(), tmp_path / "merged", torch.float32)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     torch.testing.assert_close(logits(reloaded), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_trained_on_nf4_reads_train_py_s_record(tmp_path):
+    assert not trained_on_nf4(tmp_path)  # PEFT's adapters carry no record: a float base
+    (tmp_path / "train_config.json").write_text('{"qlora": true}')
+    assert trained_on_nf4(tmp_path)
+    (tmp_path / "train_config.json").write_text('{"qlora": false}')
+    assert not trained_on_nf4(tmp_path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 
 import pytest
 import torch
@@ -184,3 +185,15 @@ def test_bad_input_is_one_line_on_stderr_and_exit_2(problem, message, model_dir,
     errors = [line for line in err.splitlines() if line.startswith("generate.py: error:")]
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in err
     assert not output.exists()
+
+
+def test_a_qlora_adapter_meets_the_nf4_base_it_was_trained_on(model_dir, adapter_dir, tmp_path):
+    from quant import NF4Linear
+
+    qlora_adapter = tmp_path / "qlora"
+    shutil.copytree(adapter_dir, qlora_adapter)
+    (qlora_adapter / "train_config.json").write_text('{"qlora": true}')
+    for folder, expected in ((adapter_dir, False), (qlora_adapter, True)):
+        loaded = Generator.load(str(model_dir), str(folder), device="cpu")
+        has_nf4 = any(isinstance(module, NF4Linear) for module in loaded.model.modules())
+        assert has_nf4 == expected, folder
