@@ -59,7 +59,9 @@ def inject_lora(
     for name in names:
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child_name, LoRALinear(getattr(parent, child_name), rank, alpha, dropout, use_rslora))
+        layer = LoRALinear(getattr(parent, child_name), rank, alpha, dropout, use_rslora)
+        # A new module starts in training mode; it must follow the model's (dropout off in eval).
+        setattr(parent, child_name, layer.train(model.training))
     mark_only_lora_as_trainable(model)
     return names
 
