@@ -14,7 +14,7 @@ LIMIT ?=
 TRAIN_FLAGS = --model $(MODEL) --dataset $(DATASET) --rank $(RANK) \
 	$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(MAX_STEPS),--max-steps $(MAX_STEPS)) $(if $(OUT),--out $(OUT))
 
-.PHONY: venv test train qlora eval data
+.PHONY: venv test train qlora eval bench data
 
 venv: .venv/.runtime-installed
 
@@ -43,6 +43,15 @@ qlora: venv
 # 95% intervals -> outputs/model_comparison.csv / .md, outputs/rank_comparison.png. LIMIT=N for a quick look.
 eval: venv
 	$(PYTHON) evaluate.py --model $(MODEL) --dataset $(DATASET) $(if $(LIMIT),--limit $(LIMIT))
+
+# Our LoRA / QLoRA loop side by side with PEFT + HF Trainer (benchmark-only packages in
+# requirements-bench.txt); writes bench/RESULTS.md. Run it on an otherwise idle machine (~10 min here).
+.venv/.bench-installed: .venv/.runtime-installed requirements-bench.txt
+	.venv/bin/pip install -q -r requirements-bench.txt
+	touch $@
+
+bench: .venv/.bench-installed
+	$(PYTHON) -m bench
 
 # Rebuild the embedded corpus data/python_pairs.parquet (and data/NOTICE) from the pinned packages in
 # requirements-data.txt, in a virtualenv of its own so the mined packages never enter .venv.

@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 import models
 from data.dataset import DataError, load_rows, split_rows, user_turn
-from generate import Completion, GenerateError, GenerationSettings, Generator, extract_code, write_jsonl
+from generate import Completion, GenerateError, GenerationSettings, Generator, extract_code, read_jsonl, write_jsonl
 from lora import AdapterError, read_adapter_config
 from sandbox import Limits, Outcome, run_programs
 
@@ -541,24 +541,12 @@ def score_completions(path: Path, limits: Limits, workers: int | None) -> None:
 
 
 def _read_completions(path: Path, problems: dict) -> list[dict]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise EvaluateError(f"cannot read {path}: {error}") from None
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise EvaluateError(f"{path} line {number}: not valid JSON") from None
-        if not (isinstance(record, dict) and record.get("task_id") in problems and isinstance(record.get("completion"), str)):
-            raise EvaluateError(f"{path} line {number}: needs a HumanEval task_id and a completion string")
-        records.append(record)
-    if not records:
-        raise EvaluateError(f"{path} holds no completions")
-    return records
+    records = read_jsonl(path, "completions")
+    for where, record in records:
+        if not (isinstance(record, dict) and record.get("task_id") in problems
+                and isinstance(record.get("completion"), str)):
+            raise EvaluateError(f"{where}: needs a HumanEval task_id and a completion string")
+    return [record for _, record in records]
 
 
 if __name__ == "__main__":

@@ -102,8 +102,8 @@ TITLE = "# Training benchmark: our loop vs PEFT + Hugging Face Trainer"
 NOTES = """## How to read this
 
 - Variants: """ + "; ".join(f"{label} = `{name}`" for name, label in LABELS.items()) + """.
-  (1) and (2) run train.py's `prepare_model` and `accumulate_gradients` and its optimizer step (clip,
-  AdamW), without its evaluation and checkpoints. (3) loads the same bf16 weights with the same
+  (1) and (2) run train.py's `prepare_model` and `optimizer_step` (accumulation, clip, AdamW), the
+  same code as `make train`, without its evaluation and checkpoints. (3) loads the same bf16 weights with the same
   attention implementation, wraps them with `peft.get_peft_model`, and trains with
   `transformers.Trainer` (`bf16=True`, `DataCollatorForSeq2Seq`, sequential sampler, AdamW torch).
   (4) loads the model with `BitsAndBytesConfig` (NF4, double quantization, bf16 compute) and runs

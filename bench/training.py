@@ -1,7 +1,7 @@
 """The four training variants, each run in its own process by `python -m bench` (so each has its own
 peak memory), on the same micro-batches in the same order:
 
-    lora        our loop (train.py's accumulate_gradients and its optimizer step), LoRA on a bf16 base
+    lora        our loop (train.py's prepare_model and optimizer_step), LoRA on a bf16 base
     qlora       the same on our NF4 base (train.prepare_model with qlora=True)
     peft-lora   PEFT LoRA + Hugging Face Trainer, bf16=True, the model loaded in bf16
     peft-qlora  PEFT LoRA + Trainer on a bitsandbytes 4-bit base (NF4, double quantization, bf16
@@ -129,25 +129,20 @@ def supervised_count(examples: list[Example]) -> int:
 # ---------------------------------------------------------------------------------- the variants
 
 def run_ours(windows: list[Window], pad_id: int, config: train.TrainConfig, meter: TrainingMeter) -> list[float]:
-    """train.run's optimizer step, without its evaluation and checkpoints; returns each step's loss."""
+    """train.run's optimizer step (train.optimizer_step), without its evaluation and checkpoints;
+    returns each step's loss."""
     device = meter.device
     dtype = models.pick_compute_dtype(device)
     torch.manual_seed(config.seed)
     model = train.prepare_model(config, device, dtype)
     model.train()
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    parameters, optimizer, scaler = train.make_optimizer(model, config, device, dtype)
     losses = []
     meter.start()
     for window in windows:
         batches = [collate(micro, pad_id) for micro in window]
-        loss, _ = train.accumulate_gradients(model, batches, device, dtype, scaler)
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        loss, _, _ = train.optimizer_step(model, parameters, optimizer, scaler, batches, device, dtype,
+                                          config.grad_clip)
         meter.tick()
         losses.append(loss)
     return losses
