@@ -38,8 +38,8 @@ import statistics
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import sacrebleu
