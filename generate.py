@@ -129,6 +129,11 @@ class Generator:
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
         self.model = model
         self.tokenizer = tokenizer
+        # At prefill, transformers hands the head `hidden_states[:, -1:, :]`, a non-contiguous view of a
+        # batch. torch's matmul then broadcasts the (vocabulary x hidden) head weight to every row and
+        # copies it: 16 rows x 262k x 640 bf16 = 5 GB and ~25 s here. A contiguous input keeps it one
+        # plain matrix multiply (0.06 s); batched generation got ~3x faster.
+        model.get_output_embeddings().register_forward_pre_hook(_contiguous_input)
         tokenizer.padding_side = "left"  # new tokens then start at the same position in every row
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -211,6 +216,10 @@ class Generator:
         for stop in stop_strings:
             text = text.split(stop, 1)[0]
         return Completion(text, generated)
+
+
+def _contiguous_input(module: torch.nn.Module, args: tuple) -> tuple:
+    return (args[0].contiguous(), *args[1:])
 
 
 def _chunks(items: list[int], size: int) -> Iterator[list[int]]:

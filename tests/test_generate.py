@@ -75,11 +75,17 @@ def test_batched_left_padded_generation_matches_one_at_a_time(generator):
     assert all(1 <= completion.new_tokens <= 8 for completion in batched)
 
 
-def test_logits_are_computed_for_the_last_position_only(generator):
-    positions = []
-    generator.model.lm_head.register_forward_hook(lambda module, args, output: positions.append(output.shape[1]))
+def test_logits_are_computed_for_the_last_position_only_from_a_contiguous_input(generator):
+    positions, contiguous = [], []
+
+    def record(module, args, output):
+        positions.append(output.shape[1])
+        contiguous.append(args[0].is_contiguous())  # a strided view would copy the head per row
+
+    generator.model.lm_head.register_forward_hook(record)
     generator.complete(PROMPTS, GenerationSettings(max_new_tokens=4), batch_size=3)
     assert positions and set(positions) == {1}
+    assert all(contiguous)
 
 
 def test_a_completion_ends_at_the_first_stop_token(generator):
