@@ -276,13 +276,15 @@ class CachedGenerator:
                                             self.device)
         with tqdm(total=len(prompts), desc=f"{self.spec.label}: {description}", unit="prompt") as progress:
             def save(batch: list[int], completions: list[Completion]) -> None:
+                nonlocal new_tokens
                 self.cache.add([keys[index] for index in batch], completions)
-                self.stats.new_tokens += sum(completion.new_tokens for completion in completions)
+                new_tokens += sum(completion.new_tokens for completion in completions)
                 progress.update(len(batch))
-                progress.set_postfix(tokens_per_s=f"{self.stats.new_tokens / (time.perf_counter() - started):.0f}")
+                progress.set_postfix(tokens_per_s=f"{new_tokens / (time.perf_counter() - started):.0f}")
 
-            started = time.perf_counter()
+            new_tokens, started = 0, time.perf_counter()
             self.generator.complete(prompts, self.settings, self.batch_size, stop_strings, on_batch=save)
+            self.stats.new_tokens += new_tokens
             self.stats.seconds += time.perf_counter() - started
 
 
@@ -301,6 +303,7 @@ class Report:
     heldout_pass: Rate
     humaneval_chat: Rate
     humaneval_raw: Rate
+    ended: Rate
     generation: GenerationStats = field(default_factory=GenerationStats)
 
     def csv_row(self) -> dict:
@@ -317,7 +320,8 @@ class Report:
 
     def rates(self) -> dict[str, Rate]:
         return {"syntax": self.syntax, "heldout_pass1": self.heldout_pass,
-                "humaneval_pass1": self.humaneval_chat, "humaneval_raw_pass1": self.humaneval_raw}
+                "humaneval_pass1": self.humaneval_chat, "humaneval_raw_pass1": self.humaneval_raw,
+                "ended_turn": self.ended}
 
 
 @dataclass(frozen=True)
@@ -326,6 +330,9 @@ class Answers:
     heldout: list[str]
     humaneval_chat: list[str]  # completions to append to each HumanEval prompt
     humaneval_raw: list[str]
+    # Per chat answer (held-out rows, then HumanEval chat): did the model end its turn before the token
+    # limit? A model that never does rambles on; its code is then cut off wherever the limit falls.
+    ended: list[bool]
 
 
 def model_answers(generator: CachedGenerator, tasks: Tasks) -> Answers:
@@ -337,12 +344,15 @@ def model_answers(generator: CachedGenerator, tasks: Tasks) -> Answers:
         humaneval_chat=[completion_from_code(problem, extract_code(answer.text, problem["entry_point"]))
                         for answer, problem in zip(chat, tasks.humaneval)],
         humaneval_raw=[answer.text for answer in raw],
+        # A stop token generated as the very last allowed token counts as not ended: rare, and harmless.
+        ended=[answer.new_tokens < generator.settings.max_new_tokens for answer in heldout + chat],
     )
 
 
 def reference_answers(tasks: Tasks) -> Answers:
     canonical = [problem["canonical_solution"] for problem in tasks.humaneval]
-    return Answers([row["output"] for row in tasks.heldout], canonical, canonical)
+    return Answers([row["output"] for row in tasks.heldout], canonical, canonical,
+                   ended=[True] * (len(tasks.heldout) + len(tasks.humaneval)))
 
 
 def score(label: str, adapter: str, tasks: Tasks, answers: Answers, limits: Limits, workers: int | None,
@@ -363,6 +373,7 @@ def score(label: str, adapter: str, tasks: Tasks, answers: Answers, limits: Limi
         statistics.fmean(bleu) if bleu else float("nan"), statistics.pstdev(bleu) if bleu else float("nan"),
         sacrebleu.corpus_bleu(answers.heldout, [references]).score if references else float("nan"),
         count_passed(outcomes["heldout"]), count_passed(outcomes["chat"]), count_passed(outcomes["raw"]),
+        Rate(sum(answers.ended), len(answers.ended)),
     )
 
 
@@ -384,13 +395,13 @@ def _write_details(path: Path, tasks: Tasks, answers: Answers, doctest_rows: lis
 
 def markdown_table(reports: Sequence[Report]) -> str:
     header = ("| model | syntax valid % [95% CI] | BLEU mean ± std | corpus BLEU | HumanEval pass@1 chat | "
-              "HumanEval pass@1 raw | held-out doctest pass@1 | generated tok/s |")
+              "HumanEval pass@1 raw | held-out doctest pass@1 | ended turn % | generated tok/s |")
     lines = [header, "|---" * (header.count("|") - 1) + "|"]
     for report in reports:
         speed = f"{report.generation.tokens_per_second:.0f}" if report.generation.seconds else "-"
         lines.append(f"| {report.label} | {report.syntax} | {report.bleu_mean:.2f} ± {report.bleu_std:.2f} | "
                      f"{report.corpus_bleu:.2f} | {report.humaneval_chat} | {report.humaneval_raw} | "
-                     f"{report.heldout_pass} | {speed} |")
+                     f"{report.heldout_pass} | {report.ended} | {speed} |")
     return "\n".join(lines) + "\n"
 
 
@@ -423,7 +434,7 @@ def plot(path: Path, reports: Sequence[Report]) -> None:
                       yerr=[report.bleu_std, 0], capsize=3, label=report.label)
     center = 0.4 - width / 2
     rates_axis.set_xticks([index + center for index in range(len(names))],
-                          ["syntax valid", "held-out doctests", "HumanEval chat", "HumanEval raw"])
+                          ["syntax valid", "held-out doctests", "HumanEval chat", "HumanEval raw", "ended turn"])
     rates_axis.set_ylabel("% (95% Wilson interval)")
     rates_axis.set_ylim(0, 105)
     rates_axis.legend()

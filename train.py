@@ -416,7 +416,8 @@ def run(config: TrainConfig, after_step: Callable[[int], None] | None = None) ->
             tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
             record(metrics_path, history, {
                 "step": completed, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-                "supervised_tokens": window_tokens, "seconds": seconds, "tokens_per_s": tokens / seconds})
+                "supervised_tokens": window_tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+                "peak_memory_gb": peak_memory_bytes(device) / 1e9})
             progress.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens / seconds:.0f}")
             progress.update(1)
             if completed % config.eval_every == 0 or completed == total_steps:

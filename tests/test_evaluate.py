@@ -141,6 +141,7 @@ def test_a_tiny_model_end_to_end_and_the_rerun_comes_from_the_cache(tiny_setup, 
     reference = rows[0]
     assert float(reference["syntax_accuracy"]) == 100 and float(reference["humaneval_pass1"]) == 100
     assert float(reference["heldout_pass1"]) == 100 and int(reference["heldout_pass1_n"]) >= 1
+    assert float(reference["ended_turn"]) == 100 and int(reference["ended_turn_n"]) == 2 + 2
     assert all(0 <= float(row["humaneval_pass1_ci_low"]) <= float(row["humaneval_pass1_ci_high"]) <= 100
                for row in rows)
     assert int(rows[1]["generated_tokens"]) > 0
@@ -173,3 +174,16 @@ def test_a_cache_line_cut_by_an_interruption_is_dropped(tmp_path):
     assert reloaded.entries == {keys[0]: evaluate.Completion("x", 1), keys[1]: evaluate.Completion("y", 2)}
     reloaded.add(keys[2:], [evaluate.Completion("z", 3)])
     assert len(evaluate.GenerationCache(tmp_path, spec).entries) == 3
+
+
+def test_an_answer_that_reaches_the_token_limit_has_not_ended_its_turn():
+    class FixedLengths:  # stands in for CachedGenerator: answers of 3 tokens, or of the whole limit
+        settings = evaluate.GenerationSettings(max_new_tokens=5)
+
+        def complete(self, prompts, stop_strings, description):
+            return [evaluate.Completion("x = 1", 3 if "short" in prompt else 5) for prompt in prompts]
+
+    row = {"instruction": "short", "input": "", "entry_point": ""}
+    problem = {"prompt": "def f():\n", "entry_point": "f"}
+    tasks = evaluate.Tasks(heldout=[row, {**row, "instruction": "long"}], humaneval=[problem])
+    assert evaluate.model_answers(FixedLengths(), tasks).ended == [True, False, False]
