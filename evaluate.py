@@ -106,13 +106,24 @@ def count_passed(outcomes: Sequence[Outcome]) -> Rate:
 
 def is_valid_python(code: str) -> bool:
     """Non-empty and parses: `ast.parse("")` succeeds, but an empty answer is not code."""
+    return _parse(code) is not None
+
+
+def defines_function(code: str, name: str) -> bool:
+    """Parses and defines a function called `name`. Stricter than syntax validity, which a bare word
+    (`hello`) or a line of prose that happens to be an expression also passes."""
+    tree = _parse(code)
+    return tree is not None and any(isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name
+                                    for node in ast.walk(tree))
+
+
+def _parse(code: str) -> ast.Module | None:
     if not code.strip():
-        return False
+        return None
     try:
-        ast.parse(code)
-        return True
+        return ast.parse(code)
     except (SyntaxError, ValueError, RecursionError, MemoryError):  # ValueError: null bytes
-        return False
+        return None
 
 
 def humaneval_program(problem: dict, completion: str) -> str:
@@ -304,6 +315,7 @@ class Report:
     humaneval_chat: Rate
     humaneval_raw: Rate
     ended: Rate
+    defines: Rate  # held-out rows with an entry point whose answer parses and defines it
     generation: GenerationStats = field(default_factory=GenerationStats)
 
     def csv_row(self) -> dict:
@@ -321,7 +333,7 @@ class Report:
     def rates(self) -> dict[str, Rate]:
         return {"syntax": self.syntax, "heldout_pass1": self.heldout_pass,
                 "humaneval_pass1": self.humaneval_chat, "humaneval_raw_pass1": self.humaneval_raw,
-                "ended_turn": self.ended}
+                "ended_turn": self.ended, "defines_function": self.defines}
 
 
 @dataclass(frozen=True)
@@ -368,12 +380,14 @@ def score(label: str, adapter: str, tasks: Tasks, answers: Answers, limits: Limi
     outcomes = {name: run_programs(sources, limits, workers, f"{label}: running {name}") for name, sources in programs.items()}
     _write_details(details_dir / f"{label}.jsonl", tasks, answers, doctest_rows, outcomes)
     valid = [is_valid_python(code) for code in answers.heldout]
+    defines = [defines_function(code, row["entry_point"]) for row, code in zip(tasks.heldout, answers.heldout)
+               if row["entry_point"]]
     return Report(
         label, adapter, Rate(sum(valid), len(valid)),
         statistics.fmean(bleu) if bleu else float("nan"), statistics.pstdev(bleu) if bleu else float("nan"),
         sacrebleu.corpus_bleu(answers.heldout, [references]).score if references else float("nan"),
         count_passed(outcomes["heldout"]), count_passed(outcomes["chat"]), count_passed(outcomes["raw"]),
-        Rate(sum(answers.ended), len(answers.ended)),
+        Rate(sum(answers.ended), len(answers.ended)), Rate(sum(defines), len(defines)),
     )
 
 
@@ -394,12 +408,12 @@ def _write_details(path: Path, tasks: Tasks, answers: Answers, doctest_rows: lis
 
 
 def markdown_table(reports: Sequence[Report]) -> str:
-    header = ("| model | syntax valid % [95% CI] | BLEU mean ± std | corpus BLEU | HumanEval pass@1 chat | "
+    header = ("| model | syntax valid % [95% CI] | defines the function % | BLEU mean ± std | corpus BLEU | HumanEval pass@1 chat | "
               "HumanEval pass@1 raw | held-out doctest pass@1 | ended turn % | generated tok/s |")
     lines = [header, "|---" * (header.count("|") - 1) + "|"]
     for report in reports:
         speed = f"{report.generation.tokens_per_second:.0f}" if report.generation.seconds else "-"
-        lines.append(f"| {report.label} | {report.syntax} | {report.bleu_mean:.2f} ± {report.bleu_std:.2f} | "
+        lines.append(f"| {report.label} | {report.syntax} | {report.defines} | {report.bleu_mean:.2f} ± {report.bleu_std:.2f} | "
                      f"{report.corpus_bleu:.2f} | {report.humaneval_chat} | {report.humaneval_raw} | "
                      f"{report.heldout_pass} | {report.ended} | {speed} |")
     return "\n".join(lines) + "\n"
@@ -434,7 +448,8 @@ def plot(path: Path, reports: Sequence[Report]) -> None:
                       yerr=[report.bleu_std, 0], capsize=3, label=report.label)
     center = 0.4 - width / 2
     rates_axis.set_xticks([index + center for index in range(len(names))],
-                          ["syntax valid", "held-out doctests", "HumanEval chat", "HumanEval raw", "ended turn"])
+                          ["syntax valid", "held-out doctests", "HumanEval chat", "HumanEval raw", "ended turn",
+                           "defines function"])
     rates_axis.set_ylabel("% (95% Wilson interval)")
     rates_axis.set_ylim(0, 105)
     rates_axis.legend()

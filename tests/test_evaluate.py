@@ -43,6 +43,15 @@ def test_syntax_validity_counts_empty_answers_as_invalid(code, valid):
     assert is_valid_python(code) is valid
 
 
+@pytest.mark.parametrize("code, defines", [
+    ("def fib(n):\n    return n", True), ("class Maths:\n    async def fib(self):\n        pass", True),
+    ("fib", False), ("fib(3)", False), ("def fibonacci(n):\n    return n", False), ("def fib(n):\n    return (", False),
+    ("", False),
+])
+def test_defining_the_function_needs_a_def_of_that_name_that_parses(code, defines):
+    assert evaluate.defines_function(code, "fib") is defines
+
+
 @pytest.fixture(scope="module")
 def problems() -> list[dict]:
     return list(read_problems().values())
@@ -142,6 +151,7 @@ def test_a_tiny_model_end_to_end_and_the_rerun_comes_from_the_cache(tiny_setup, 
     assert float(reference["syntax_accuracy"]) == 100 and float(reference["humaneval_pass1"]) == 100
     assert float(reference["heldout_pass1"]) == 100 and int(reference["heldout_pass1_n"]) >= 1
     assert float(reference["ended_turn"]) == 100 and int(reference["ended_turn_n"]) == 2 + 2
+    assert float(reference["defines_function"]) == 100 and int(reference["defines_function_n"]) == 2
     assert all(0 <= float(row["humaneval_pass1_ci_low"]) <= float(row["humaneval_pass1_ci_high"]) <= 100
                for row in rows)
     assert int(rows[1]["generated_tokens"]) > 0
