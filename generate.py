@@ -195,7 +195,7 @@ class Generator:
             tokenizer=self.tokenizer if stop_strings else None, streamer=streamer,
         )
         new_tokens = output[:, inputs["input_ids"].shape[1]:]
-        return [self._to_completion(row.tolist(), stop_strings) for row in new_tokens]
+        return [self.to_completion(row.tolist(), stop_strings) for row in new_tokens]
 
     def _generation_config(self, settings: GenerationSettings, stop_strings: Sequence[str]) -> GenerationConfig:
         sampling = settings.temperature > 0
@@ -206,7 +206,8 @@ class Generator:
             stop_strings=list(stop_strings) or None,
         )
 
-    def _to_completion(self, ids: list[int], stop_strings: Sequence[str]) -> Completion:
+    def to_completion(self, ids: list[int], stop_strings: Sequence[str] = ()) -> Completion:
+        """Generated ids (new tokens only) -> the completion: text up to the first stop, and its length."""
         # A row that finished before the rest of its batch (stop token or stop string) is padded to the
         # batch's length: it ends at its first stop token or padding. A stop token was generated, padding not.
         ends = (position for position, token in enumerate(ids) if token in self.stop_ids or token == self.pad_id)

@@ -37,7 +37,7 @@ def timed(device: torch.device, work):
 
 
 def one_at_a_time(generator: Generator, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
-    """Plain Hugging Face `generate`, one prompt per call; the new token ids up to the first stop."""
+    """Plain Hugging Face `generate`, one prompt per call; the new token ids of each."""
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, top_k=None, top_p=None,
                               temperature=None, eos_token_id=generator.stop_ids,
                               pad_token_id=generator.tokenizer.pad_token_id)
@@ -46,17 +46,8 @@ def one_at_a_time(generator: Generator, prompts: list[str], max_new_tokens: int)
         for prompt in prompts:
             inputs = generator.tokenizer(prompt, return_tensors="pt").to(generator.model.device)
             output = generator.model.generate(**inputs, generation_config=config)
-            completions.append(until_stop(output[0, inputs["input_ids"].shape[1]:].tolist(), generator.stop_ids))
+            completions.append(output[0, inputs["input_ids"].shape[1]:].tolist())
     return completions
-
-
-def until_stop(ids: list[int], stop_ids: list[int]) -> list[int]:
-    """The generated ids up to and including the first stop token (rows of a batch that stopped
-    early are padded after it)."""
-    for position, token in enumerate(ids):
-        if token in stop_ids:
-            return ids[:position + 1]
-    return ids
 
 
 def measure_generation(settings: BenchSettings, prompt_count: int, max_new_tokens: int, batch_size: int) -> dict:
@@ -66,15 +57,13 @@ def measure_generation(settings: BenchSettings, prompt_count: int, max_new_token
     generation = GenerationSettings(max_new_tokens=max_new_tokens)
     generator.complete(prompts[:1], GenerationSettings(max_new_tokens=2))  # first-call set-up, untimed
     batched, batched_seconds = timed(device, lambda: generator.complete(prompts, generation, batch_size))
-    single, single_seconds = timed(device, lambda: one_at_a_time(generator, prompts, max_new_tokens))
-    stop_ids = generator.stop_ids
-    single_texts = [generator.tokenizer.decode([t for t in ids if t not in stop_ids], skip_special_tokens=True)
-                    for ids in single]  # decoded as Generator decodes
+    single_ids, single_seconds = timed(device, lambda: one_at_a_time(generator, prompts, max_new_tokens))
+    single = [generator.to_completion(ids) for ids in single_ids]  # read as the batched ones are
     return {
         "prompts": len(prompts), "max_new_tokens": max_new_tokens, "batch_size": batch_size,
         "batched_seconds": batched_seconds, "batched_new_tokens": sum(c.new_tokens for c in batched),
-        "single_seconds": single_seconds, "single_new_tokens": sum(len(ids) for ids in single),
-        "identical_completions": sum(c.text == text for c, text in zip(batched, single_texts)),
+        "single_seconds": single_seconds, "single_new_tokens": sum(c.new_tokens for c in single),
+        "identical_completions": sum(b.text == s.text for b, s in zip(batched, single)),
     }
 
 

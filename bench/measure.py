@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import os
 import platform
-import resource
 import time
 from collections.abc import Sequence
 
 import torch
+
+from train import peak_memory_bytes
 
 # The LoRA targets every variant trains; the FLOP count below assumes exactly these.
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -48,16 +49,8 @@ class TrainingMeter:
 
 # ---------------------------------------------------------------------------------- memory
 
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak since the process started or since the last `reset_peak_memory`: resident set size on
-    the CPU (the weights, activations and allocator slack all live there), allocated bytes on CUDA."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
 def reset_peak_memory(device: torch.device) -> None:
-    """Start a new peak, so loading the model (ours loads float32 before quantizing for QLoRA) is
+    """Start a new peak for train.peak_memory_bytes, so loading the model (ours loads float32 before quantizing for QLoRA) is
     told apart from training. On Linux, writing 5 to clear_refs resets the RSS high-water mark that
     ru_maxrss reports; where that is not allowed the peak simply stays the whole-process one."""
     if device.type == "cuda":
@@ -67,7 +60,7 @@ def reset_peak_memory(device: torch.device) -> None:
         with open("/proc/self/clear_refs", "w") as handle:
             handle.write("5")
     except OSError:
-        pass
+        return  # not allowed here: the peak stays the whole process's
 
 
 # ---------------------------------------------------------------------------------- the machine
@@ -87,7 +80,7 @@ def _cpu_model() -> str | None:
                 if line.startswith("model name"):
                     return line.split(":", 1)[1].strip()
     except OSError:
-        pass
+        return None  # no /proc: the caller falls back to platform's description
     return None
 
 

@@ -122,10 +122,6 @@ def random_model_dir() -> Path:
     return target
 
 
-def supervised_count(examples: list[Example]) -> int:
-    return sum(sum(label != -100 for label in e["labels"][1:]) for e in examples)
-
-
 # ---------------------------------------------------------------------------------- the variants
 
 def run_ours(windows: list[Window], pad_id: int, config: train.TrainConfig, meter: TrainingMeter) -> list[float]:
@@ -226,7 +222,7 @@ def measure_variant(variant: str, settings: BenchSettings) -> dict:
     model_config = AutoConfig.from_pretrained(models.resolve_model_path(config.model))
     model_config = getattr(model_config, "text_config", model_config)
     rows_per_step = [[e for micro in window for e in micro] for window in windows]
-    supervised = [supervised_count(rows) for rows in rows_per_step]
+    supervised = [sum(train.count_supervised(collate(micro, pad_id)) for micro in window) for window in windows]
     return {
         "variant": variant,
         "step_seconds": meter.step_seconds(),

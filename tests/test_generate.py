@@ -92,10 +92,10 @@ def test_a_completion_ends_at_the_first_stop_token(generator):
     tokenizer = generator.tokenizer
     end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
     ids = tokenizer("x = 1").input_ids[1:] + [end_of_turn, tokenizer.pad_token_id, tokenizer.pad_token_id]
-    assert generator._to_completion(ids, ()) == Completion("x = 1", new_tokens=6)
+    assert generator.to_completion(ids, ()) == Completion("x = 1", new_tokens=6)
     # A row stopped by a stop string is padded while the rest of its batch goes on.
     ids = tokenizer("a\ndef ").input_ids[1:]
-    stopped = generator._to_completion(ids + [tokenizer.pad_token_id] * 4, ("\ndef ",))
+    stopped = generator.to_completion(ids + [tokenizer.pad_token_id] * 4, ("\ndef ",))
     assert stopped == Completion("a", new_tokens=len(ids))
 
 
