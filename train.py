@@ -36,7 +36,10 @@ from tqdm import tqdm
 
 import models
 from data.dataset import DataError, batch_order, collate, encode_rows, load_rows, split_rows
-from lora import AdapterError, LoRAConfig, inject_lora, parse_target_modules, save_adapter, trainable_report
+from lora import (
+    AdapterError, LoRAConfig, inject_lora, inject_trainable_tokens, output_head, parse_target_modules, save_adapter,
+    trainable_report,
+)
 from lora.adapter import TRAINING_CONFIG_NAME, atomic_write, load_adapter_tensors, read_adapter_weights
 
 # On this 2-core CPU the study's 3 epochs at length 768 on the embedded corpus would take hours;
@@ -47,6 +50,9 @@ STUDY_EPOCHS = 3
 STUDY_MAX_LENGTH = 768
 # The 262k-wide logits are computed this many rows at a time, never all at once.
 LOSS_CHUNK_ROWS = 256
+# The chat markers whose rows `--trainable-tokens auto` trains: every training example uses both, and
+# in pretrained (not instruction-tuned) Gemma checkpoints their rows were never trained.
+TURN_MARKERS = ("<start_of_turn>", "<end_of_turn>")
 # Settings that may change between a run and its resumption without changing the result.
 RESUMABLE_CHANGES = {"out", "save_every", "eval_every", "overwrite", "device"}
 
@@ -65,6 +71,8 @@ class TrainConfig:
     dropout: float = 0.05
     targets: str = "q_proj,k_proj,v_proj,o_proj"
     rslora: bool = False
+    trainable_tokens: str = "auto"  # "auto" (the turn markers), "none", or token strings / ids, comma-separated
+    token_lr_scale: float = 1.0  # the token rows' learning rate = this x the LoRA learning rate
     qlora: bool = False
     batch_size: int = 4
     grad_accum: int = 4
@@ -82,11 +90,11 @@ class TrainConfig:
     device: str | None = None
     overwrite: bool = False
 
-    def lora_config(self) -> LoRAConfig:
+    def lora_config(self, token_ids: tuple[int, ...] = ()) -> LoRAConfig:
         base_name = "google/gemma-3-270m" if self.model == models.EMBEDDED_MODEL else self.model
         return LoRAConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout,
                           target_modules=parse_target_modules(self.targets), use_rslora=self.rslora,
-                          base_model_name_or_path=base_name)
+                          base_model_name_or_path=base_name, trainable_token_indices=token_ids)
 
 
 def resolve_defaults(config: TrainConfig, device: torch.device) -> TrainConfig:
@@ -120,25 +128,36 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     loss and its gradient with respect to `hidden` (softmax - one_hot, through the soft-cap's
     derivative 1 - tanh^2, times the weight), and freed. The head weight is frozen, so only that
     small [tokens, hidden] gradient is kept for the backward pass. Logits are float32 (or wider).
+
+    With `token_ids` and `token_rows` (trainable token rows of a tied head), the columns of those ids
+    come from `hidden @ token_rows.T` instead, and their gradient (grad_logits[:, ids].T @ hidden) is
+    kept for `token_rows` as well.
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                softcap: float | None, chunk_rows: int) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float | None,
+                chunk_rows: int, token_ids: torch.Tensor | None = None,
+                token_rows: torch.Tensor | None = None) -> torch.Tensor:
         hidden = hidden.to(weight.dtype)
         count, vocab = hidden.shape[0], weight.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden)
+        wide_dtype = torch.promote_types(weight.dtype, torch.float32)
+        rows = token_rows.detach().to(weight.dtype) if token_rows is not None else None
+        grad_rows = torch.zeros_like(token_rows, dtype=wide_dtype) if token_rows is not None else None
+        ctx.rows_dtype = token_rows.dtype if token_rows is not None else None
         # One set of [chunk, vocab] buffers serves every chunk and each step works in place: a fresh
         # 262k-wide temporary per operation costs a pass over memory (and page faults on the CPU).
         width = min(chunk_rows, count)
         low = torch.empty(width, vocab, dtype=weight.dtype, device=hidden.device)
-        wide = torch.empty(width, vocab, dtype=torch.promote_types(weight.dtype, torch.float32), device=hidden.device)
+        wide = torch.empty(width, vocab, dtype=wide_dtype, device=hidden.device)
         tanh = torch.empty_like(wide) if softcap else None
         for start in range(0, count, chunk_rows):
             n = min(chunk_rows, count - start)
-            rows, logits, logits_low, chunk_targets = slice(start, start + n), wide[:n], low[:n], targets[start:start + n]
-            torch.mm(hidden[rows], weight.T, out=logits_low)
+            chunk, logits, logits_low, chunk_targets = slice(start, start + n), wide[:n], low[:n], targets[start:start + n]
+            torch.mm(hidden[chunk], weight.T, out=logits_low)
+            if rows is not None:
+                logits_low[:, token_ids] = hidden[chunk] @ rows.T
             logits.copy_(logits_low)
             if softcap:
                 torch.tanh(logits.div_(softcap), out=tanh[:n])
@@ -151,27 +170,43 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_logits[torch.arange(n, device=hidden.device), chunk_targets] -= 1.0
             if softcap:
                 grad_logits.mul_(tanh[:n].square_().neg_().add_(1.0))  # through the soft-cap: 1 - tanh^2
+            if rows is not None:
+                grad_token_logits = grad_logits[:, token_ids]
+                grad_rows += grad_token_logits.T @ hidden[chunk].to(grad_rows.dtype)
+                grad_logits[:, token_ids] = 0.0  # their part of grad_hidden comes from the trainable rows
             logits_low.copy_(grad_logits)
-            torch.mm(logits_low, weight, out=grad_hidden[rows])
-        ctx.save_for_backward(grad_hidden)
+            torch.mm(logits_low, weight, out=grad_hidden[chunk])
+            if rows is not None:
+                grad_hidden[chunk] += grad_token_logits.to(rows.dtype) @ rows
+        ctx.save_for_backward(grad_hidden, grad_rows)
         return total
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad_output.to(grad_hidden.dtype), None, None, None, None
+        grad_hidden, grad_rows = ctx.saved_tensors
+        grad_rows = (grad_rows * grad_output).to(ctx.rows_dtype) if grad_rows is not None else None
+        return grad_hidden * grad_output.to(grad_hidden.dtype), None, None, None, None, None, grad_rows
 
 
 def supervised_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum of next-token losses over the positions that carry a label; logits only for those."""
-    hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         use_cache=False).last_hidden_state
+    hidden = decoder_hidden(model, batch)
     targets = batch["labels"][:, 1:]
-    supervised = targets != -100
-    return ChunkedLinearCrossEntropy.apply(
-        hidden[:, :-1][supervised], model.lm_head.weight, targets[supervised],
-        model.config.final_logit_softcapping, LOSS_CHUNK_ROWS,
-    )
+    return loss_sum_at(model, hidden, targets, targets != -100)
+
+
+def decoder_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       use_cache=False).last_hidden_state
+
+
+def loss_sum_at(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                where: torch.Tensor) -> torch.Tensor:
+    """Summed loss of predicting `targets` from `hidden[:, :-1]` at the positions in `where`."""
+    weight, token_rows = output_head(model)
+    token_ids, rows = (token_rows.token_ids, token_rows.trainable_tokens_delta) if token_rows else (None, None)
+    return ChunkedLinearCrossEntropy.apply(hidden[:, :-1][where], weight, targets[where],
+                                           model.config.final_logit_softcapping, LOSS_CHUNK_ROWS, token_ids, rows)
 
 
 def count_supervised(batch: dict[str, torch.Tensor]) -> int:
@@ -201,10 +236,10 @@ def checkpoint_dirs(out: Path) -> list[Path]:
 
 
 def save_checkpoint(out: Path, step: int, model, optimizer, scaler, rng: dict, config: TrainConfig,
-                    fingerprint: str) -> None:
+                    lora: LoRAConfig, fingerprint: str) -> None:
     staging = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=out))
     try:
-        save_adapter(model, staging, config.lora_config())
+        save_adapter(model, staging, lora)
         tensors, groups = _flatten_optimizer_state(optimizer.state_dict())
         tensors["rng.torch"] = rng["torch"]
         for index, cuda_state in enumerate(rng.get("cuda", [])):
@@ -294,11 +329,52 @@ def data_fingerprint(examples: list[dict], schedule: list[list[int]]) -> str:
     return digest.hexdigest()[:16]
 
 
-def prepare_model(config: TrainConfig, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+def prepare_model(config: TrainConfig, device: torch.device, dtype: torch.dtype,
+                  token_ids: tuple[int, ...] = ()) -> torch.nn.Module:
     model = models.load_model(config.model, device, dtype, nf4=config.qlora)
-    lora = config.lora_config()
+    lora = config.lora_config(token_ids)
     inject_lora(model, lora.target_modules, lora.rank, lora.alpha, lora.dropout, lora.use_rslora)
+    if token_ids:
+        inject_trainable_tokens(model, token_ids)
     return model
+
+
+def resolve_trainable_tokens(spec: str, tokenizer) -> tuple[int, ...]:
+    """`--trainable-tokens` -> token ids: "none", "auto" (the turn markers, when the tokenizer has
+    them), or a comma-separated list of token strings and ids."""
+    if spec.strip() == "none":
+        return ()
+    names = TURN_MARKERS if spec.strip() == "auto" else [item.strip() for item in spec.split(",") if item.strip()]
+    ids = []
+    for name in names:
+        token_id = int(name) if name.isdigit() else tokenizer.convert_tokens_to_ids(name)
+        if not isinstance(token_id, int) or (not name.isdigit() and token_id == tokenizer.unk_token_id):
+            if spec.strip() == "auto":
+                return ()  # a tokenizer without Gemma's turn markers: nothing to train
+            raise TrainError(f"--trainable-tokens: {name!r} is not a single token of this tokenizer")
+        if not 0 <= token_id < len(tokenizer):
+            raise TrainError(f"--trainable-tokens: id {token_id} is outside the vocabulary (size {len(tokenizer)})")
+        ids.append(token_id)
+    if len(set(ids)) != len(ids):
+        raise TrainError(f"--trainable-tokens names a token twice: {spec}")
+    return tuple(ids)
+
+
+def describe_token_rows(model: torch.nn.Module, tokenizer, token_ids: tuple[int, ...]) -> str:
+    """Which rows train and what the base model has in them: a row close to the mean of the
+    `<unusedN>` rows (cosine > 0.9) was never trained, which is why these rows must be."""
+    weight = model.get_input_embeddings().weight.float()
+    vocabulary = tokenizer.get_vocab()
+    unused = [index for token, index in vocabulary.items() if token.startswith("<unused")]
+    parts = []
+    for token_id in token_ids:
+        part = f"{tokenizer.convert_ids_to_tokens(token_id)} ({token_id})"
+        if unused:
+            cosine = torch.cosine_similarity(weight[token_id], weight[unused].mean(0), dim=0).item()
+            verdict = "looks untrained" if cosine > 0.9 else "looks trained"
+            part += f": cosine {cosine:.2f} with the mean <unused> row, {verdict}"
+        parts.append(part)
+    return "trainable token rows (input embedding, and the output head when tied): " + "; ".join(parts)
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
@@ -325,10 +401,25 @@ def accumulate_gradients(model, batches: list[dict], device: torch.device, dtype
 
 
 def make_optimizer(model, config: TrainConfig, device: torch.device, dtype: torch.dtype):
-    """(trainable parameters, AdamW over them, GradScaler: active only for float16)."""
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
-    return parameters, optimizer, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    """(trainable parameters, AdamW over them, GradScaler: active only for float16).
+
+    LoRA matrices and trainable token rows are separate groups, each with an `lr_scale` that the
+    schedule's rate is multiplied by. Token rows get no weight decay: they are whole rows, not
+    differences, and decay would pull them towards zero rather than towards the base model's row.
+    """
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    lora = [p for name, p in named if not name.endswith(".trainable_tokens_delta")]
+    rows = [p for name, p in named if name.endswith(".trainable_tokens_delta")]
+    groups = [{"params": lora, "weight_decay": config.weight_decay, "lr_scale": 1.0}]
+    if rows:
+        groups.append({"params": rows, "weight_decay": 0.0, "lr_scale": config.token_lr_scale})
+    optimizer = torch.optim.AdamW(groups, lr=config.lr)
+    return lora + rows, optimizer, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+def set_learning_rate(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def optimizer_step(model, parameters: list, optimizer, scaler, batches: list[dict], device: torch.device,
@@ -343,16 +434,24 @@ def optimizer_step(model, parameters: list, optimizer, scaler, batches: list[dic
     return loss, tokens, grad_norm
 
 
-def held_out_loss(model, batches: list[dict], device: torch.device, dtype: torch.dtype) -> float:
+def held_out_losses(model, batches: list[dict], device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    """Mean loss per supervised token, and the mean loss of each row's last label alone (the closing
+    `<end_of_turn>`: whether the model knows where its answer ends)."""
     model.eval()
-    loss = tokens = 0.0
+    loss = end_loss = tokens = rows = 0.0
     with torch.no_grad(), autocast(device, dtype):
         for batch in batches:
             batch = {key: value.to(device) for key, value in batch.items()}
-            loss += supervised_loss_sum(model, batch).item()
-            tokens += count_supervised(batch)
+            hidden = decoder_hidden(model, batch)
+            targets = batch["labels"][:, 1:]
+            supervised = targets != -100
+            last = supervised & ~torch.nn.functional.pad(supervised[:, 1:], (0, 1))
+            loss += loss_sum_at(model, hidden, targets, supervised).item()
+            end_loss += loss_sum_at(model, hidden, targets, last).item()
+            tokens += int(supervised.sum())
+            rows += int(last.sum())
     model.train()
-    return loss / max(tokens, 1)
+    return {"held_out_loss": loss / max(tokens, 1), "held_out_end_loss": end_loss / max(rows, 1)}
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -389,7 +488,11 @@ def run(config: TrainConfig, after_step: Callable[[int], None] | None = None) ->
     eval_batches = [collate(held_out[i:i + config.batch_size], tokenizer.pad_token_id)
                     for i in range(0, len(held_out), config.batch_size)]
 
-    model = prepare_model(config, device, dtype)
+    token_ids = resolve_trainable_tokens(config.trainable_tokens, tokenizer)
+    lora = config.lora_config(token_ids)
+    model = prepare_model(config, device, dtype, token_ids)
+    if token_ids:
+        print(describe_token_rows(model, tokenizer, token_ids))
     print(trainable_report(model))
     parameters, optimizer, scaler = make_optimizer(model, config, device, dtype)
 
@@ -397,7 +500,7 @@ def run(config: TrainConfig, after_step: Callable[[int], None] | None = None) ->
     model.train()
     history = read_metrics(metrics_path)
     if start_step == 0:
-        record(metrics_path, history, {"step": 0, "held_out_loss": held_out_loss(model, eval_batches, device, dtype)})
+        record(metrics_path, history, {"step": 0, **held_out_losses(model, eval_batches, device, dtype)})
 
     completed, rng_after_completed = start_step, rng_state()
     progress = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
@@ -405,8 +508,7 @@ def run(config: TrainConfig, after_step: Callable[[int], None] | None = None) ->
         for step in range(start_step, total_steps):
             step_started = time.time()
             lr = learning_rate(step, config.lr, warmup, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_learning_rate(optimizer, lr)
             batches = [collate([examples[i] for i in micro], tokenizer.pad_token_id) for micro in windows[step]]
             loss_value, window_tokens, grad_norm = optimizer_step(
                 model, parameters, optimizer, scaler, batches, device, dtype, config.grad_clip)
@@ -421,10 +523,9 @@ def run(config: TrainConfig, after_step: Callable[[int], None] | None = None) ->
             progress.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens / seconds:.0f}")
             progress.update(1)
             if completed % config.eval_every == 0 or completed == total_steps:
-                record(metrics_path, history,
-                       {"step": completed, "held_out_loss": held_out_loss(model, eval_batches, device, dtype)})
+                record(metrics_path, history, {"step": completed, **held_out_losses(model, eval_batches, device, dtype)})
             if completed % config.save_every == 0 or completed == total_steps:
-                save_checkpoint(out, completed, model, optimizer, scaler, rng_after_completed, config, fingerprint)
+                save_checkpoint(out, completed, model, optimizer, scaler, rng_after_completed, config, lora, fingerprint)
             if after_step is not None:
                 after_step(completed)
     except KeyboardInterrupt:
@@ -432,11 +533,11 @@ def run(config: TrainConfig, after_step: Callable[[int], None] | None = None) ->
         # An interrupted window's gradients are discarded: the checkpoint holds the state after the
         # last completed step, with the random state as it was then.
         optimizer.zero_grad(set_to_none=True)
-        save_checkpoint(out, completed, model, optimizer, scaler, rng_after_completed, config, fingerprint)
+        save_checkpoint(out, completed, model, optimizer, scaler, rng_after_completed, config, lora, fingerprint)
         raise TrainError(f"interrupted: checkpoint at step {completed} saved in {out}; run again to resume") from None
     progress.close()
 
-    save_adapter(model, out, config.lora_config())
+    save_adapter(model, out, lora)
     plot_losses(history, out / "training_loss.png")
     summary = summarize(config, model, history, time.time() - started, peak_memory_bytes(device), dropped)
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -513,12 +614,15 @@ def summarize(config: TrainConfig, model, history: list[dict], wall_s: float, pe
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     steps = [e for e in history if "loss" in e]
     held = [e["held_out_loss"] for e in history if "held_out_loss" in e]
+    held_end = [e["held_out_end_loss"] for e in history if "held_out_end_loss" in e]
     tokens = sum(e["tokens"] for e in steps)
     seconds = sum(e["seconds"] for e in steps)
     return {
         "trainable_params": trainable, "wall_s": round(wall_s, 1), "peak_memory_gb": round(peak_bytes / 1e9, 2),
         "steps": len(steps), "final_train_loss": steps[-1]["loss"] if steps else None,
         "held_out_loss_before": held[0] if held else None, "held_out_loss_after": held[-1] if held else None,
+        "held_out_end_loss_before": held_end[0] if held_end else None,
+        "held_out_end_loss_after": held_end[-1] if held_end else None,
         "tokens_per_s": round(tokens / seconds, 1) if seconds else None, "rows_dropped_too_long": dropped,
         "epochs": config.epochs, "max_length": config.max_length, "qlora": config.qlora,
     }
@@ -529,7 +633,9 @@ def summary_line(summary: dict) -> str:
     before, after = summary["held_out_loss_before"], summary["held_out_loss_after"]
     return (f"done: trainable params {summary['trainable_params']:,} | wall {minutes}m{seconds:02d}s | "
             f"peak memory {summary['peak_memory_gb']:.1f} GB | {summary['tokens_per_s']} tokens/s | "
-            f"train loss {summary['final_train_loss']:.4f} | held-out loss {before:.4f} -> {after:.4f}")
+            f"train loss {summary['final_train_loss']:.4f} | held-out loss {before:.4f} -> {after:.4f} | "
+            f"held-out <end_of_turn> loss {summary['held_out_end_loss_before']:.4f} -> "
+            f"{summary['held_out_end_loss_after']:.4f}")
 
 
 # ----------------------------------------------------------------------------------- command line
@@ -549,6 +655,13 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
     add("--targets", default=defaults.targets,
         help="comma-separated module names to adapt, or 'all-linear' (default: %(default)s)")
     add("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
+    add("--trainable-tokens", default=defaults.trainable_tokens,
+        help="embedding rows trained as well (PEFT's trainable_token_indices; with a tied head, its rows too): "
+             "'auto' (default) = the chat turn markers <start_of_turn>,<end_of_turn>, whose rows are untrained in "
+             "pretrained Gemma checkpoints, so a model could not learn to end its answer; 'none'; or "
+             "comma-separated tokens or ids")
+    add("--token-lr-scale", type=float, default=defaults.token_lr_scale,
+        help="learning rate of the token rows as a multiple of --lr (default: %(default)s)")
     add("--qlora", action="store_true", help="quantize the decoder's linear layers to NF4 (QLoRA)")
     add("--batch-size", type=int, default=defaults.batch_size, help="sequences per micro-batch (default: %(default)s)")
     add("--grad-accum", type=int, default=defaults.grad_accum,

@@ -1,4 +1,5 @@
-"""Hand-written LoRA: the layer, its injection into a model, and adapter files in PEFT's layout."""
+"""Hand-written LoRA: the layer, its injection into a model, trainable token rows, and adapter files in
+PEFT's layout."""
 
 from .adapter import AdapterError, LoRAConfig, load_adapter, read_adapter_config, save_adapter
 from .export import export_merged, merge_into_plain_linears
@@ -8,10 +9,12 @@ from .inject import (
     unmerge_all,
 )
 from .layer import LoRALinear
+from .tokens import inject_trainable_tokens, merge_token_rows, output_head, token_rows
 
 __all__ = [
     "ALL_LINEAR", "ATTENTION_MODULES", "MLP_MODULES", "AdapterError", "LoRAConfig", "LoRALinear",
-    "count_parameters", "export_merged", "inject_lora", "load_adapter", "lora_layers",
-    "mark_only_lora_as_trainable", "merge_all", "merge_into_plain_linears", "parse_target_modules",
-    "read_adapter_config", "save_adapter", "set_adapters_disabled", "trainable_report", "unmerge_all",
+    "count_parameters", "export_merged", "inject_lora", "inject_trainable_tokens", "load_adapter",
+    "lora_layers", "mark_only_lora_as_trainable", "merge_all", "merge_into_plain_linears", "merge_token_rows",
+    "output_head", "parse_target_modules", "read_adapter_config", "save_adapter", "set_adapters_disabled",
+    "token_rows", "trainable_report", "unmerge_all",
 ]

@@ -3,8 +3,11 @@
     adapter_model.safetensors   metadata {"format": "pt"}; keys
                                 base_model.model.<module path>.lora_A.weight  [r, in]
                                 base_model.model.<module path>.lora_B.weight  [out, r]
+                                base_model.model.<embedding path>.token_adapter.trainable_tokens_delta
+                                    [n, hidden]: full rows of the trainable tokens, if any
     adapter_config.json         peft_type, task_type, r, lora_alpha, lora_dropout, target_modules,
-                                bias, use_rslora, base_model_name_or_path
+                                bias, use_rslora, base_model_name_or_path, and trainable_token_indices
+                                (a list of ids) when rows are trained
 
 Only safetensors and JSON are read or written: no pickle.
 """
@@ -24,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .inject import ALL_LINEAR, inject_lora, lora_layers
+from .tokens import ROWS_NAME, inject_trainable_tokens, token_rows
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -36,7 +40,7 @@ TRAINING_CONFIG_NAME = "train_config.json"
 UNSUPPORTED_WHEN_SET = {
     "use_dora": False, "fan_in_fan_out": False, "modules_to_save": None, "rank_pattern": {},
     "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None, "lora_bias": False,
-    "use_qalora": False, "trainable_token_indices": None, "megatron_config": None,
+    "use_qalora": False, "megatron_config": None,
 }
 
 
@@ -52,14 +56,18 @@ class LoRAConfig:
     target_modules: tuple[str, ...] | str = ("q_proj", "k_proj", "v_proj", "o_proj")
     use_rslora: bool = False
     base_model_name_or_path: str = ""
+    trainable_token_indices: tuple[int, ...] = ()  # rows of the input (and tied output) embedding trained too
 
     def to_peft_json(self) -> dict:
         targets = self.target_modules if self.target_modules == ALL_LINEAR else list(self.target_modules)
-        return {
+        raw = {
             "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": self.rank, "lora_alpha": self.alpha,
             "lora_dropout": self.dropout, "target_modules": targets, "bias": "none",
             "use_rslora": self.use_rslora, "base_model_name_or_path": self.base_model_name_or_path,
         }
+        if self.trainable_token_indices:  # written only when used: older PEFT versions reject the key
+            raw["trainable_token_indices"] = list(self.trainable_token_indices)
+        return raw
 
     @classmethod
     def from_peft_json(cls, raw: dict, source: str) -> LoRAConfig:
@@ -82,7 +90,23 @@ class LoRAConfig:
             target_modules=targets if isinstance(targets, str) else tuple(sorted(targets)),
             use_rslora=bool(raw.get("use_rslora", False)),
             base_model_name_or_path=raw.get("base_model_name_or_path") or "",
+            trainable_token_indices=_token_indices(raw.get("trainable_token_indices"), source),
         )
+
+
+def _token_indices(value: object, source: str) -> tuple[int, ...]:
+    """PEFT's `trainable_token_indices`: a list of ids for the input embedding, or a dict keyed by the
+    embedding's name; only the input embedding (`embed_tokens`) is supported."""
+    if isinstance(value, dict):
+        if set(value) != {"embed_tokens"}:
+            raise AdapterError(f"{source}: trainable_token_indices for {sorted(value)} is not supported "
+                               "(only embed_tokens)")
+        value = value["embed_tokens"]
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+        raise AdapterError(f"{source}: trainable_token_indices must be a list of token ids, got {value!r}")
+    return tuple(value)
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -146,6 +170,8 @@ def load_adapter(model: nn.Module, directory: str | Path) -> LoRAConfig:
     tensors = read_adapter_weights(directory)
     try:
         inject_lora(model, config.target_modules, config.rank, config.alpha, config.dropout, config.use_rslora)
+        if config.trainable_token_indices:
+            inject_trainable_tokens(model, config.trainable_token_indices)
     except ValueError as error:
         raise AdapterError(f"adapter in {directory} does not fit this model: {error}") from None
     load_adapter_tensors(model, tensors, str(directory))
@@ -177,6 +203,10 @@ def _adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     for name, layer in lora_layers(model).items():
         parameters[f"{KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight
         parameters[f"{KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight
+    rows = token_rows(model)
+    if rows is not None:
+        embedding_name, adapter = rows
+        parameters[f"{KEY_PREFIX}{embedding_name}.token_adapter.{ROWS_NAME}"] = adapter.trainable_tokens_delta
     return parameters
 
 

@@ -21,11 +21,14 @@ from torch import nn
 
 from .adapter import AdapterError, load_adapter, trained_on_nf4
 from .inject import lora_layers
+from .tokens import merge_token_rows
 
 
 def merge_into_plain_linears(model: nn.Module, dtype: torch.dtype) -> None:
     """Replace each LoRALinear by an nn.Linear with weight W + s·B·A (computed in float32), and each
-    remaining 4-bit layer by its dequantized nn.Linear. Works on float and NF4 bases alike."""
+    remaining 4-bit layer by its dequantized nn.Linear; write trainable token rows into the embedding
+    (and so into a tied head). Works on float and NF4 bases alike."""
+    merge_token_rows(model)
     for name, layer in lora_layers(model).items():
         merged = _plain_linear(layer.base, torch.float32)
         with torch.no_grad():

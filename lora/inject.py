@@ -33,9 +33,11 @@ def find_target_names(model: nn.Module, targets: tuple[str, ...] | str) -> list[
     """Full names of the linear layers to adapt, matched on the last part of the module name."""
     names = []
     for name, module in model.named_modules():
-        last = name.rsplit(".", 1)[-1]
-        if last in EXCLUDED_MODULES or not _is_linear_like(module):
+        parts = name.split(".")
+        # Any part: a head wrapped for trainable token rows keeps its linear layer one level down.
+        if set(parts) & set(EXCLUDED_MODULES) or not _is_linear_like(module):
             continue
+        last = parts[-1]
         if targets == ALL_LINEAR or last in targets:
             names.append(name)
     if not names:
@@ -71,8 +73,9 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def mark_only_lora_as_trainable(model: nn.Module) -> None:
+    """Adapters (and trainable token rows, if any) train; every base weight is frozen."""
     for name, parameter in model.named_parameters():
-        parameter.requires_grad_(".lora_A." in name or ".lora_B." in name)
+        parameter.requires_grad_(".lora_A." in name or ".lora_B." in name or name.endswith(".trainable_tokens_delta"))
 
 
 def set_adapters_disabled(model: nn.Module, disabled: bool) -> None:
