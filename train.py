@@ -35,11 +35,11 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import models
-from data.dataset import DataError, batch_order, collate, encode_rows, load_rows, split_rows
+from data.dataset import IGNORE_INDEX, DataError, batch_order, collate, encode_rows, load_rows, split_rows
 from lora import (
-    AdapterError, LoRAConfig, inject_lora, inject_trainable_tokens, output_head, parse_target_modules, save_adapter,
-    trainable_report,
+    AdapterError, LoRAConfig, inject_lora, inject_trainable_tokens, parse_target_modules, save_adapter, trainable_report,
 )
+from loss import count_supervised, decoder_hidden, loss_sum_at, supervised_loss_sum
 from lora.adapter import TRAINING_CONFIG_NAME, atomic_write, load_adapter_tensors, read_adapter_weights
 
 # On this 2-core CPU the study's 3 epochs at length 768 on the embedded corpus would take hours;
@@ -48,8 +48,6 @@ EMBEDDED_CPU_EPOCHS = 1
 EMBEDDED_CPU_MAX_LENGTH = 512
 STUDY_EPOCHS = 3
 STUDY_MAX_LENGTH = 768
-# The 262k-wide logits are computed this many rows at a time, never all at once.
-LOSS_CHUNK_ROWS = 256
 # The chat markers whose rows `--trainable-tokens auto` trains: every training example uses both, and
 # in pretrained (not instruction-tuned) Gemma checkpoints their rows were never trained.
 TURN_MARKERS = ("<start_of_turn>", "<end_of_turn>")
@@ -84,7 +82,7 @@ class TrainConfig:
     max_length: int | None = None  # None: the study's 768, or EMBEDDED_CPU_MAX_LENGTH likewise
     grad_clip: float = 1.0
     seed: int = 42
-    save_every: int = 400
+    save_every: int = 25  # a checkpoint is small (adapter + AdamW state): a killed run loses little
     eval_every: int = 50
     eval_rows: int = 64
     device: str | None = None
@@ -119,98 +117,6 @@ def learning_rate(step: int, max_lr: float, warmup: int, total: int) -> float:
 def warmup_for(total_steps: int, requested: int) -> int:
     """The study's 150 warmup steps were 5% of its run; shorter runs warm up for 5% of theirs."""
     return max(1, min(requested, math.ceil(0.05 * total_steps)))
-
-
-class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of logits = softcap(hidden @ weight.T) against `targets`.
-
-    The full [tokens, vocab] logits are never built: each chunk's logits are made, turned into its
-    loss and its gradient with respect to `hidden` (softmax - one_hot, through the soft-cap's
-    derivative 1 - tanh^2, times the weight), and freed. The head weight is frozen, so only that
-    small [tokens, hidden] gradient is kept for the backward pass. Logits are float32 (or wider).
-
-    With `token_ids` and `token_rows` (trainable token rows of a tied head), the columns of those ids
-    come from `hidden @ token_rows.T` instead, and their gradient (grad_logits[:, ids].T @ hidden) is
-    kept for `token_rows` as well.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float | None,
-                chunk_rows: int, token_ids: torch.Tensor | None = None,
-                token_rows: torch.Tensor | None = None) -> torch.Tensor:
-        hidden = hidden.to(weight.dtype)
-        count, vocab = hidden.shape[0], weight.shape[0]
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden)
-        wide_dtype = torch.promote_types(weight.dtype, torch.float32)
-        rows = token_rows.detach().to(weight.dtype) if token_rows is not None else None
-        grad_rows = torch.zeros_like(token_rows, dtype=wide_dtype) if token_rows is not None else None
-        ctx.rows_dtype = token_rows.dtype if token_rows is not None else None
-        # One set of [chunk, vocab] buffers serves every chunk and each step works in place: a fresh
-        # 262k-wide temporary per operation costs a pass over memory (and page faults on the CPU).
-        width = min(chunk_rows, count)
-        low = torch.empty(width, vocab, dtype=weight.dtype, device=hidden.device)
-        wide = torch.empty(width, vocab, dtype=wide_dtype, device=hidden.device)
-        tanh = torch.empty_like(wide) if softcap else None
-        for start in range(0, count, chunk_rows):
-            n = min(chunk_rows, count - start)
-            chunk, logits, logits_low, chunk_targets = slice(start, start + n), wide[:n], low[:n], targets[start:start + n]
-            torch.mm(hidden[chunk], weight.T, out=logits_low)
-            if rows is not None:
-                logits_low[:, token_ids] = hidden[chunk] @ rows.T
-            logits.copy_(logits_low)
-            if softcap:
-                torch.tanh(logits.div_(softcap), out=tanh[:n])
-                torch.mul(tanh[:n], softcap, out=logits)
-            logits.sub_(logits.amax(dim=1, keepdim=True))  # each row's largest logit is now 0
-            target_logits = logits.gather(1, chunk_targets[:, None]).squeeze(1)
-            sums = logits.exp_().sum(dim=1)
-            total += (sums.log() - target_logits).sum()
-            grad_logits = logits.div_(sums[:, None])  # softmax
-            grad_logits[torch.arange(n, device=hidden.device), chunk_targets] -= 1.0
-            if softcap:
-                grad_logits.mul_(tanh[:n].square_().neg_().add_(1.0))  # through the soft-cap: 1 - tanh^2
-            if rows is not None:
-                grad_token_logits = grad_logits[:, token_ids]
-                grad_rows += grad_token_logits.T @ hidden[chunk].to(grad_rows.dtype)
-                grad_logits[:, token_ids] = 0.0  # their part of grad_hidden comes from the trainable rows
-            logits_low.copy_(grad_logits)
-            torch.mm(logits_low, weight, out=grad_hidden[chunk])
-            if rows is not None:
-                grad_hidden[chunk] += grad_token_logits.to(rows.dtype) @ rows
-        ctx.save_for_backward(grad_hidden, grad_rows)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
-        grad_hidden, grad_rows = ctx.saved_tensors
-        grad_rows = (grad_rows * grad_output).to(ctx.rows_dtype) if grad_rows is not None else None
-        return grad_hidden * grad_output.to(grad_hidden.dtype), None, None, None, None, None, grad_rows
-
-
-def supervised_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of next-token losses over the positions that carry a label; logits only for those."""
-    hidden = decoder_hidden(model, batch)
-    targets = batch["labels"][:, 1:]
-    return loss_sum_at(model, hidden, targets, targets != -100)
-
-
-def decoder_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       use_cache=False).last_hidden_state
-
-
-def loss_sum_at(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                where: torch.Tensor) -> torch.Tensor:
-    """Summed loss of predicting `targets` from `hidden[:, :-1]` at the positions in `where`."""
-    weight, token_rows = output_head(model)
-    token_ids, rows = (token_rows.token_ids, token_rows.trainable_tokens_delta) if token_rows else (None, None)
-    return ChunkedLinearCrossEntropy.apply(hidden[:, :-1][where], weight, targets[where],
-                                           model.config.final_logit_softcapping, LOSS_CHUNK_ROWS, token_ids, rows)
-
-
-def count_supervised(batch: dict[str, torch.Tensor]) -> int:
-    return int((batch["labels"][:, 1:] != -100).sum())
 
 
 # ----------------------------------------------------------------------------------- checkpoints
@@ -444,7 +350,7 @@ def held_out_losses(model, batches: list[dict], device: torch.device, dtype: tor
             batch = {key: value.to(device) for key, value in batch.items()}
             hidden = decoder_hidden(model, batch)
             targets = batch["labels"][:, 1:]
-            supervised = targets != -100
+            supervised = targets != IGNORE_INDEX
             last = supervised & ~torch.nn.functional.pad(supervised[:, 1:], (0, 1))
             loss += loss_sum_at(model, hidden, targets, supervised).item()
             end_loss += loss_sum_at(model, hidden, targets, last).item()

@@ -30,6 +30,7 @@ import models
 import train
 from bench.measure import ATTENTION_TARGETS, TrainingMeter, useful_step_flops
 from data.dataset import collate, encode_rows, load_rows, split_rows
+from loss import count_supervised
 
 VARIANTS = ("lora", "qlora", "peft-lora", "peft-qlora")
 # Random weights with Gemma-2-2B's exact shapes, for GPU runs (no download, no tokenizer needed).
@@ -222,7 +223,7 @@ def measure_variant(variant: str, settings: BenchSettings) -> dict:
     model_config = AutoConfig.from_pretrained(models.resolve_model_path(config.model))
     model_config = getattr(model_config, "text_config", model_config)
     rows_per_step = [[e for micro in window for e in micro] for window in windows]
-    supervised = [sum(train.count_supervised(collate(micro, pad_id)) for micro in window) for window in windows]
+    supervised = [sum(count_supervised(collate(micro, pad_id)) for micro in window) for window in windows]
     return {
         "variant": variant,
         "step_seconds": meter.step_seconds(),

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
+from loss import ChunkedLinearCrossEntropy, count_supervised, supervised_loss_sum
 from conftest import build_tiny_model, make_tiny_tokenizer
 from data.dataset import collate, encode_example
 from lora import inject_lora, load_adapter
@@ -44,7 +45,7 @@ def test_chunked_cross_entropy_matches_float64_reference(softcap):
     hidden = torch.randn(11, 8, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(50, 8, dtype=torch.float64) * 3
     targets = torch.randint(0, 50, (11,))
-    loss = train.ChunkedLinearCrossEntropy.apply(hidden, weight, targets, softcap, 4)
+    loss = ChunkedLinearCrossEntropy.apply(hidden, weight, targets, softcap, 4)
     loss.backward()
     reference_hidden = hidden.detach().clone().requires_grad_(True)
     logits = reference_hidden @ weight.T
@@ -72,7 +73,7 @@ def test_supervised_loss_equals_the_model_s_own_loss(kind):
     model = build_tiny_model(kind)
     batch = collate(make_examples(tokenizer, 3), tokenizer.pad_token_id)
     with torch.no_grad():
-        ours = train.supervised_loss_sum(model, batch) / train.count_supervised(batch)
+        ours = supervised_loss_sum(model, batch) / count_supervised(batch)
         reference = model(**batch).loss  # transformers' mean cross-entropy over labelled positions
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
 

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, Gemma3ForCausalLM
 
 import train
+from loss import ChunkedLinearCrossEntropy, supervised_loss_sum
 from conftest import build_tiny_model, make_tiny_tokenizer, tiny_gemma3_config
 from data.dataset import collate
 from generate import GenerationSettings, Generator
@@ -82,7 +83,7 @@ def test_chunked_cross_entropy_with_token_rows_matches_float64_reference(softcap
     token_ids = torch.tensor([7, 42])
     rows = (torch.randn(2, 8, dtype=torch.float64) * 3).requires_grad_(True)
     targets = torch.tensor([7, 42, 3, 42, 0, 7, 9, 11, 42, 5, 6, 7, 49])
-    loss = train.ChunkedLinearCrossEntropy.apply(hidden, weight, targets, softcap, 4, token_ids, rows)
+    loss = ChunkedLinearCrossEntropy.apply(hidden, weight, targets, softcap, 4, token_ids, rows)
     loss.backward()
     reference_hidden = hidden.detach().clone().requires_grad_(True)
     reference_rows = rows.detach().clone().requires_grad_(True)
@@ -105,7 +106,7 @@ def test_our_loss_and_gradients_equal_autograd_through_the_wrapped_model(kind):
     model = with_adapter(kind)
     labels = [-100, -100, -100, 40, 5, 77, 4, 120, 5, -100]
     batch = batch_with(IDS[0].tolist(), labels)
-    ours = train.supervised_loss_sum(model, batch) / 6
+    ours = supervised_loss_sum(model, batch) / 6
     ours.backward()
     ours_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
@@ -119,7 +120,7 @@ def test_our_loss_and_gradients_equal_autograd_through_the_wrapped_model(kind):
 
 def rows_gradient(model, batch) -> torch.Tensor:
     model.zero_grad()
-    train.supervised_loss_sum(model, batch).backward()
+    supervised_loss_sum(model, batch).backward()
     return token_rows(model)[1].trainable_tokens_delta.grad
 
 

@@ -1,0 +1,104 @@
+"""The training loss: summed next-token cross-entropy at the labelled positions only, computed in
+chunks so the full [tokens, vocabulary] logits are never built (Gemma's head is 262k wide)."""
+
+from __future__ import annotations
+
+import torch
+
+from data.dataset import IGNORE_INDEX
+from lora import output_head
+
+# The 262k-wide logits are computed this many rows at a time, never all at once.
+LOSS_CHUNK_ROWS = 256
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of logits = softcap(hidden @ weight.T) against `targets`.
+
+    The full [tokens, vocab] logits are never built: each chunk's logits are made, turned into its
+    loss and its gradient with respect to `hidden` (softmax - one_hot, through the soft-cap's
+    derivative 1 - tanh^2, times the weight), and freed. The head weight is frozen, so only that
+    small [tokens, hidden] gradient is kept for the backward pass. Logits are float32 (or wider).
+
+    With `token_ids` and `token_rows` (trainable token rows of a tied head), the columns of those ids
+    come from `hidden @ token_rows.T` instead, and their gradient (grad_logits[:, ids].T @ hidden) is
+    kept for `token_rows` as well.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float | None,
+                chunk_rows: int, token_ids: torch.Tensor | None = None,
+                token_rows: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = hidden.to(weight.dtype)
+        count, vocab = hidden.shape[0], weight.shape[0]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden)
+        wide_dtype = torch.promote_types(weight.dtype, torch.float32)
+        rows = token_rows.detach().to(weight.dtype) if token_rows is not None else None
+        grad_rows = torch.zeros_like(token_rows, dtype=wide_dtype) if token_rows is not None else None
+        ctx.rows_dtype = token_rows.dtype if token_rows is not None else None
+        # One set of [chunk, vocab] buffers serves every chunk and each step works in place: a fresh
+        # 262k-wide temporary per operation costs a pass over memory (and page faults on the CPU).
+        width = min(chunk_rows, count)
+        low = torch.empty(width, vocab, dtype=weight.dtype, device=hidden.device)
+        wide = torch.empty(width, vocab, dtype=wide_dtype, device=hidden.device)
+        tanh = torch.empty_like(wide) if softcap else None
+        for start in range(0, count, chunk_rows):
+            n = min(chunk_rows, count - start)
+            chunk, logits, logits_low, chunk_targets = slice(start, start + n), wide[:n], low[:n], targets[start:start + n]
+            torch.mm(hidden[chunk], weight.T, out=logits_low)
+            if rows is not None:
+                logits_low[:, token_ids] = hidden[chunk] @ rows.T
+            logits.copy_(logits_low)
+            if softcap:
+                torch.tanh(logits.div_(softcap), out=tanh[:n])
+                torch.mul(tanh[:n], softcap, out=logits)
+            logits.sub_(logits.amax(dim=1, keepdim=True))  # each row's largest logit is now 0
+            target_logits = logits.gather(1, chunk_targets[:, None]).squeeze(1)
+            sums = logits.exp_().sum(dim=1)
+            total += (sums.log() - target_logits).sum()
+            grad_logits = logits.div_(sums[:, None])  # softmax
+            grad_logits[torch.arange(n, device=hidden.device), chunk_targets] -= 1.0
+            if softcap:
+                grad_logits.mul_(tanh[:n].square_().neg_().add_(1.0))  # through the soft-cap: 1 - tanh^2
+            if rows is not None:
+                grad_token_logits = grad_logits[:, token_ids]
+                grad_rows += grad_token_logits.T @ hidden[chunk].to(grad_rows.dtype)
+                grad_logits[:, token_ids] = 0.0  # their part of grad_hidden comes from the trainable rows
+            logits_low.copy_(grad_logits)
+            torch.mm(logits_low, weight, out=grad_hidden[chunk])
+            if rows is not None:
+                grad_hidden[chunk] += grad_token_logits.to(rows.dtype) @ rows
+        ctx.save_for_backward(grad_hidden, grad_rows)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        grad_hidden, grad_rows = ctx.saved_tensors
+        grad_rows = (grad_rows * grad_output).to(ctx.rows_dtype) if grad_rows is not None else None
+        return grad_hidden * grad_output.to(grad_hidden.dtype), None, None, None, None, None, grad_rows
+
+
+def supervised_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of next-token losses over the positions that carry a label; logits only for those."""
+    hidden = decoder_hidden(model, batch)
+    targets = batch["labels"][:, 1:]
+    return loss_sum_at(model, hidden, targets, targets != IGNORE_INDEX)
+
+
+def decoder_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       use_cache=False).last_hidden_state
+
+
+def loss_sum_at(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                where: torch.Tensor) -> torch.Tensor:
+    """Summed loss of predicting `targets` from `hidden[:, :-1]` at the positions in `where`."""
+    weight, token_rows = output_head(model)
+    token_ids, rows = (token_rows.token_ids, token_rows.trainable_tokens_delta) if token_rows else (None, None)
+    return ChunkedLinearCrossEntropy.apply(hidden[:, :-1][where], weight, targets[where],
+                                           model.config.final_logit_softcapping, LOSS_CHUNK_ROWS, token_ids, rows)
+
+
+def count_supervised(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
