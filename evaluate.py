@@ -188,6 +188,13 @@ def load_tasks(dataset: str, limit: int | None) -> Tasks:
     return Tasks(heldout, humaneval[:limit])
 
 
+def references_over(tasks: Tasks, tokenizer, limit: int) -> int:
+    """Held-out references longer than `limit` tokens, their closing <end_of_turn> counted."""
+    lengths = [len(ids) + 1 for ids in tokenizer([row["output"] for row in tasks.heldout],
+                                                 add_special_tokens=False).input_ids]
+    return sum(length > limit for length in lengths)
+
+
 def chat_prompt(row: dict) -> str:
     return user_turn(row["instruction"], row.get("input") or "")
 
@@ -499,7 +506,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, help="only the first N held-out rows and N HumanEval problems")
     parser.add_argument("--outputs", default=str(OUTPUTS),
                         help="where adapters are found and results and the cache go (default: %(default)s)")
-    parser.add_argument("--max-new-tokens", type=int, default=384, help="answer length limit (default: %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=GenerationSettings.max_new_tokens,
+                        help="answer length limit (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts generated together (default: %(default)s)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--workers", type=int, help="sandboxed programs run at once (default: CPU count)")
@@ -518,6 +526,9 @@ def evaluate_models(args: argparse.Namespace, limits: Limits) -> None:
     print(f"{len(tasks.heldout)} held-out rows ({len(tasks.doctest_rows)} with doctests), "
           f"{len(tasks.humaneval)} HumanEval problems, {len(specs)} model(s)", file=sys.stderr)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
+    too_long = references_over(tasks, models.load_tokenizer(args.model), settings.max_new_tokens)
+    print(f"{too_long} of {len(tasks.heldout)} held-out references are longer than {settings.max_new_tokens} tokens "
+          "(an answer of their length cannot end its turn within the limit)", file=sys.stderr)
     details = outputs / "eval_samples"
     reports = [score("reference", "", tasks, reference_answers(tasks), limits, args.workers, details)]
     for spec in specs:

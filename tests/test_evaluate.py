@@ -197,3 +197,9 @@ def test_an_answer_that_reaches_the_token_limit_has_not_ended_its_turn():
     problem = {"prompt": "def f():\n", "entry_point": "f"}
     tasks = evaluate.Tasks(heldout=[row, {**row, "instruction": "long"}], humaneval=[problem])
     assert evaluate.model_answers(FixedLengths(), tasks).ended == [True, False, False]
+
+
+def test_references_longer_than_the_limit_are_counted():
+    tasks = evaluate.Tasks(heldout=[{"output": "x" * 9}, {"output": "x" * 10}, {"output": ""}], humaneval=[])
+    # The tiny tokenizer has one token per byte; the closing <end_of_turn> adds one.
+    assert evaluate.references_over(tasks, make_tiny_tokenizer(), 10) == 1
