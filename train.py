@@ -546,6 +546,18 @@ def summary_line(summary: dict) -> str:
 
 # ----------------------------------------------------------------------------------- command line
 
+# Every numeric option's real range, checked at parse time (None means "not given": the default applies).
+OPTION_RULES = [
+    *[(name, lambda value: value >= 1, ">= 1") for name in (
+        "rank", "batch_size", "grad_accum", "save_every", "eval_every", "eval_rows", "epochs", "max_steps",
+        "max_length", "warmup_steps")],
+    *[(name, lambda value: math.isfinite(value) and value > 0, "> 0") for name in (
+        "lr", "token_lr_scale", "grad_clip", "alpha")],
+    ("weight_decay", lambda value: math.isfinite(value) and value >= 0, ">= 0"),
+    ("dropout", lambda value: 0 <= value < 1, "in [0, 1)"),
+]
+
+
 def parse_args(argv: list[str] | None) -> TrainConfig:
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -592,9 +604,9 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
     values = vars(args)
     if values["out"] is None:
         values["out"] = f"outputs/{'qlora' if args.qlora else 'lora'}_r{args.rank}"
-    for name in ("rank", "batch_size", "grad_accum", "save_every", "eval_every", "eval_rows"):
-        if values[name] < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    for name, valid, rule in OPTION_RULES:
+        if values[name] is not None and not valid(values[name]):
+            parser.error(f"--{name.replace('_', '-')} must be {rule}, got {values[name]}")
     return TrainConfig(**values)
 
 
