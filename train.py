@@ -550,7 +550,8 @@ def summary_line(summary: dict) -> str:
 OPTION_RULES = [
     *[(name, lambda value: value >= 1, ">= 1") for name in (
         "rank", "batch_size", "grad_accum", "save_every", "eval_every", "eval_rows", "epochs", "max_steps",
-        "max_length", "warmup_steps")],
+        "max_length")],
+    ("warmup_steps", lambda value: value >= 0, ">= 0"),
     *[(name, lambda value: math.isfinite(value) and value > 0, "> 0") for name in (
         "lr", "token_lr_scale", "grad_clip", "alpha")],
     ("weight_decay", lambda value: math.isfinite(value) and value >= 0, ">= 0"),
