@@ -24,23 +24,22 @@ import resource
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import models
+from checkpoint import checkpoint_dirs, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from data.dataset import IGNORE_INDEX, DataError, batch_order, collate, encode_rows, load_rows, split_rows
 from lora import (
     AdapterError, LoRAConfig, inject_lora, inject_trainable_tokens, parse_target_modules, save_adapter, trainable_report,
 )
+from lora.adapter import TRAINING_CONFIG_NAME
 from loss import count_supervised, decoder_hidden, loss_sum_at, supervised_loss_sum
-from lora.adapter import TRAINING_CONFIG_NAME, atomic_write, load_adapter_tensors, read_adapter_weights
 
 # On this 2-core CPU the study's 3 epochs at length 768 on the embedded corpus would take hours;
 # the embedded default trains less (README: "Training on the embedded defaults").
@@ -117,95 +116,6 @@ def learning_rate(step: int, max_lr: float, warmup: int, total: int) -> float:
 def warmup_for(total_steps: int, requested: int) -> int:
     """The study's 150 warmup steps were 5% of its run; shorter runs warm up for 5% of theirs."""
     return max(1, min(requested, math.ceil(0.05 * total_steps)))
-
-
-# ----------------------------------------------------------------------------------- checkpoints
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def checkpoint_dirs(out: Path) -> list[Path]:
-    """Completed checkpoints, oldest first. A checkpoint is written under a temporary name and renamed
-    when complete, so a half-written one never matches this pattern."""
-    return sorted(out.glob("checkpoint-[0-9][0-9][0-9][0-9][0-9][0-9]"))
-
-
-def save_checkpoint(out: Path, step: int, model, optimizer, scaler, rng: dict, config: TrainConfig,
-                    lora: LoRAConfig, fingerprint: str) -> None:
-    staging = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=out))
-    try:
-        save_adapter(model, staging, lora)
-        tensors, groups = _flatten_optimizer_state(optimizer.state_dict())
-        tensors["rng.torch"] = rng["torch"]
-        for index, cuda_state in enumerate(rng.get("cuda", [])):
-            tensors[f"rng.cuda.{index}"] = cuda_state
-        atomic_write(staging / "trainer_state.safetensors", lambda path: save_file(tensors, path))
-        state = {
-            "step": step, "config": dataclasses.asdict(config), "data_fingerprint": fingerprint,
-            "optimizer_param_groups": groups, "grad_scaler": scaler.state_dict(),
-            "python_rng": _python_rng_to_json(rng["python"]),
-        }
-        atomic_write(staging / "state.json", lambda path: Path(path).write_text(json.dumps(state, indent=1)))
-        final = out / f"checkpoint-{step:06d}"
-        if final.exists():
-            shutil.rmtree(final)
-        staging.rename(final)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    for older in checkpoint_dirs(out)[:-1]:
-        shutil.rmtree(older)
-
-
-def load_checkpoint(directory: Path, model, optimizer, scaler) -> tuple[int, dict]:
-    """Restore adapter, optimizer and scaler in place; return (step, RNG state to restore)."""
-    state = json.loads((directory / "state.json").read_text())
-    load_adapter_tensors(model, read_adapter_weights(directory), str(directory))
-    tensors = load_file(directory / "trainer_state.safetensors")
-    optimizer.load_state_dict(_unflatten_optimizer_state(tensors, state["optimizer_param_groups"]))
-    scaler.load_state_dict(state["grad_scaler"])
-    rng = {"python": _python_rng_from_json(state["python_rng"]), "torch": tensors["rng.torch"]}
-    cuda_states = [tensors[key] for key in sorted(tensors) if key.startswith("rng.cuda.")]
-    if cuda_states:
-        rng["cuda"] = cuda_states
-    return state["step"], rng
-
-
-def _flatten_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], list]:
-    tensors = {}
-    for index, per_parameter in state_dict["state"].items():
-        for name, value in per_parameter.items():
-            tensors[f"optimizer.{index}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    return tensors, state_dict["param_groups"]
-
-
-def _unflatten_optimizer_state(tensors: dict[str, torch.Tensor], groups: list) -> dict:
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value
-    return {"state": state, "param_groups": groups}
-
-
-def _python_rng_to_json(state: tuple) -> list:
-    version, internal, gauss = state
-    return [version, list(internal), gauss]
-
-
-def _python_rng_from_json(state: list) -> tuple:
-    version, internal, gauss = state
-    return version, tuple(internal), gauss
 
 
 def check_resumable(saved: dict, config: TrainConfig, directory: Path) -> None:
@@ -431,7 +341,8 @@ def run(config: TrainConfig, after_step: Callable[[int], None] | None = None) ->
             if completed % config.eval_every == 0 or completed == total_steps:
                 record(metrics_path, history, {"step": completed, **held_out_losses(model, eval_batches, device, dtype)})
             if completed % config.save_every == 0 or completed == total_steps:
-                save_checkpoint(out, completed, model, optimizer, scaler, rng_after_completed, config, lora, fingerprint)
+                save_checkpoint(out, completed, model, optimizer, scaler, rng_after_completed,
+                                dataclasses.asdict(config), lora, fingerprint)
             if after_step is not None:
                 after_step(completed)
     except KeyboardInterrupt:
@@ -439,7 +350,8 @@ def run(config: TrainConfig, after_step: Callable[[int], None] | None = None) ->
         # An interrupted window's gradients are discarded: the checkpoint holds the state after the
         # last completed step, with the random state as it was then.
         optimizer.zero_grad(set_to_none=True)
-        save_checkpoint(out, completed, model, optimizer, scaler, rng_after_completed, config, lora, fingerprint)
+        save_checkpoint(out, completed, model, optimizer, scaler, rng_after_completed, dataclasses.asdict(config),
+                        lora, fingerprint)
         raise TrainError(f"interrupted: checkpoint at step {completed} saved in {out}; run again to resume") from None
     progress.close()
 

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
+from checkpoint import checkpoint_dirs
 from loss import ChunkedLinearCrossEntropy, count_supervised, supervised_loss_sum
 from conftest import build_tiny_model, make_tiny_tokenizer
 from data.dataset import collate, encode_example
@@ -194,7 +195,7 @@ def test_half_written_checkpoint_is_never_loaded(tiny_setup, tmp_path):
     # A crash while writing leaves only a temporary folder, which resuming ignores.
     (out / ".checkpoint-abc123").mkdir()
     (out / ".checkpoint-abc123" / "state.json").write_text("{trunc")
-    assert train.checkpoint_dirs(out) == [out / "checkpoint-000002"]
+    assert checkpoint_dirs(out) == [out / "checkpoint-000002"]
 
 
 def run_cli(capsys, *args) -> tuple[int, str]:

@@ -1,0 +1,113 @@
+"""Checkpoints that resume a training run bit for bit: the adapter, AdamW's state, the GradScaler,
+the Python / torch / CUDA random states, the step, the run's settings and a data fingerprint.
+
+    out/checkpoint-000025/  adapter_model.safetensors, adapter_config.json (PEFT layout),
+                            trainer_state.safetensors (optimizer tensors, torch RNG states),
+                            state.json (step, settings, optimizer groups, scaler, Python RNG)
+
+Safetensors and JSON only (no pickle). A checkpoint is written into a temporary folder and renamed
+when complete, so a crash never leaves one that looks finished; only the latest is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lora import LoRAConfig, save_adapter
+from lora.adapter import atomic_write, load_adapter_tensors, read_adapter_weights
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_dirs(out: Path) -> list[Path]:
+    """Completed checkpoints, oldest first. A checkpoint is written under a temporary name and renamed
+    when complete, so a half-written one never matches this pattern."""
+    return sorted(out.glob("checkpoint-[0-9][0-9][0-9][0-9][0-9][0-9]"))
+
+
+def save_checkpoint(out: Path, step: int, model, optimizer, scaler, rng: dict, config: dict,
+                    lora: LoRAConfig, fingerprint: str) -> None:
+    """Write `out/checkpoint-<step>` and remove older ones; `config` is the run's settings (for the
+    resume check), `fingerprint` identifies its data and order."""
+    staging = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=out))
+    try:
+        save_adapter(model, staging, lora)
+        tensors, groups = _flatten_optimizer_state(optimizer.state_dict())
+        tensors["rng.torch"] = rng["torch"]
+        for index, cuda_state in enumerate(rng.get("cuda", [])):
+            tensors[f"rng.cuda.{index}"] = cuda_state
+        atomic_write(staging / "trainer_state.safetensors", lambda path: save_file(tensors, path))
+        state = {
+            "step": step, "config": config, "data_fingerprint": fingerprint,
+            "optimizer_param_groups": groups, "grad_scaler": scaler.state_dict(),
+            "python_rng": _python_rng_to_json(rng["python"]),
+        }
+        atomic_write(staging / "state.json", lambda path: Path(path).write_text(json.dumps(state, indent=1)))
+        final = out / f"checkpoint-{step:06d}"
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for older in checkpoint_dirs(out)[:-1]:
+        shutil.rmtree(older)
+
+
+def load_checkpoint(directory: Path, model, optimizer, scaler) -> tuple[int, dict]:
+    """Restore adapter, optimizer and scaler in place; return (step, RNG state to restore)."""
+    state = json.loads((directory / "state.json").read_text())
+    load_adapter_tensors(model, read_adapter_weights(directory), str(directory))
+    tensors = load_file(directory / "trainer_state.safetensors")
+    optimizer.load_state_dict(_unflatten_optimizer_state(tensors, state["optimizer_param_groups"]))
+    scaler.load_state_dict(state["grad_scaler"])
+    rng = {"python": _python_rng_from_json(state["python_rng"]), "torch": tensors["rng.torch"]}
+    cuda_states = [tensors[key] for key in sorted(tensors) if key.startswith("rng.cuda.")]
+    if cuda_states:
+        rng["cuda"] = cuda_states
+    return state["step"], rng
+
+
+def _flatten_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], list]:
+    tensors = {}
+    for index, per_parameter in state_dict["state"].items():
+        for name, value in per_parameter.items():
+            tensors[f"optimizer.{index}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    return tensors, state_dict["param_groups"]
+
+
+def _unflatten_optimizer_state(tensors: dict[str, torch.Tensor], groups: list) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": groups}
+
+
+def _python_rng_to_json(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _python_rng_from_json(state: list) -> tuple:
+    version, internal, gauss = state
+    return version, tuple(internal), gauss
