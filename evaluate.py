@@ -50,6 +50,7 @@ import models
 from data.dataset import DataError, load_rows, split_rows, user_turn
 from generate import Completion, GenerateError, GenerationSettings, Generator, extract_code, read_jsonl, write_jsonl
 from lora import AdapterError, read_adapter_config
+from options import COUNT, POSITIVE
 from sandbox import Limits, Outcome, run_programs
 
 OUTPUTS = Path("outputs")
@@ -503,15 +504,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-base", action="store_true", help="evaluate only the adapters")
     parser.add_argument("--dataset", default="default",
                         help="training data whose held-out split is scored (default: the embedded corpus)")
-    parser.add_argument("--limit", type=int, help="only the first N held-out rows and N HumanEval problems")
+    parser.add_argument("--limit", type=COUNT, help="only the first N held-out rows and N HumanEval problems")
     parser.add_argument("--outputs", default=str(OUTPUTS),
                         help="where adapters are found and results and the cache go (default: %(default)s)")
-    parser.add_argument("--max-new-tokens", type=int, default=GenerationSettings.max_new_tokens,
+    parser.add_argument("--max-new-tokens", type=COUNT, default=GenerationSettings.max_new_tokens,
                         help="answer length limit (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=16, help="prompts generated together (default: %(default)s)")
+    parser.add_argument("--batch-size", type=COUNT, default=16, help="prompts generated together (default: %(default)s)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--workers", type=int, help="sandboxed programs run at once (default: CPU count)")
-    parser.add_argument("--timeout", type=float, default=10.0,
+    parser.add_argument("--workers", type=COUNT, help="sandboxed programs run at once (default: CPU count)")
+    parser.add_argument("--timeout", type=POSITIVE, default=10.0,
                         help="wall-clock seconds each program may run (default: %(default)s)")
     parser.add_argument("--completions", metavar="FILE.jsonl",
                         help="only score these HumanEval completions (JSON lines with task_id and completion, "

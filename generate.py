@@ -28,6 +28,7 @@ import models
 from data.dataset import user_turn
 from lora import AdapterError, load_adapter, read_adapter_config
 from lora.adapter import trained_on_nf4
+from options import COUNT, NON_NEGATIVE, PROBABILITY
 
 END_OF_TURN = "<end_of_turn>"
 START_OF_TURN = "<start_of_turn>"
@@ -271,13 +272,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=models.EMBEDDED_MODEL,
                         help="base model: 'embedded' (Gemma 3 270M, the default), a Hugging Face id or a local folder")
     parser.add_argument("--adapter", metavar="DIR", help="LoRA adapter folder (ours or written by PEFT)")
-    parser.add_argument("--max-new-tokens", type=int, default=GenerationSettings.max_new_tokens,
+    parser.add_argument("--max-new-tokens", type=COUNT, default=GenerationSettings.max_new_tokens,
                         help="answer length limit (default: %(default)s)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 (the default) decodes greedily")
-    parser.add_argument("--top-p", type=float, default=1.0,
+    parser.add_argument("--temperature", type=NON_NEGATIVE, default=0.0, help="0 (the default) decodes greedily")
+    parser.add_argument("--top-p", type=PROBABILITY, default=1.0,
                         help="nucleus sampling, with --temperature (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=16,
+    parser.add_argument("--batch-size", type=COUNT, default=16,
                         help="prompts generated together in batch mode (default: %(default)s)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--raw", action="store_true", help="print the whole answer, not only the code")

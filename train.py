@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 import models
+from options import COUNT, DROPOUT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE
 from checkpoint import checkpoint_dirs, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from data.dataset import IGNORE_INDEX, DataError, batch_order, collate, encode_rows, load_rows, split_rows
 from lora import (
@@ -458,19 +459,6 @@ def summary_line(summary: dict) -> str:
 
 # ----------------------------------------------------------------------------------- command line
 
-# Every numeric option's real range, checked at parse time (None means "not given": the default applies).
-OPTION_RULES = [
-    *[(name, lambda value: value >= 1, ">= 1") for name in (
-        "rank", "batch_size", "grad_accum", "save_every", "eval_every", "eval_rows", "epochs", "max_steps",
-        "max_length")],
-    ("warmup_steps", lambda value: value >= 0, ">= 0"),
-    *[(name, lambda value: math.isfinite(value) and value > 0, "> 0") for name in (
-        "lr", "token_lr_scale", "grad_clip", "alpha")],
-    ("weight_decay", lambda value: math.isfinite(value) and value >= 0, ">= 0"),
-    ("dropout", lambda value: 0 <= value < 1, "in [0, 1)"),
-]
-
-
 def parse_args(argv: list[str] | None) -> TrainConfig:
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -480,9 +468,9 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
         help="Hugging Face dataset id, local .json/.jsonl/.parquet file or folder, or 'default' (embedded corpus)")
     add("--out", default=None, help="output folder (default: outputs/lora_r{rank} or outputs/qlora_r{rank}); "
         "a folder holding a checkpoint is resumed")
-    add("--rank", type=int, default=defaults.rank, help="LoRA rank r (default: %(default)s)")
-    add("--alpha", type=float, default=None, help="LoRA alpha (default: 2 * rank)")
-    add("--dropout", type=float, default=defaults.dropout, help="dropout on the LoRA input (default: %(default)s)")
+    add("--rank", type=COUNT, default=defaults.rank, help="LoRA rank r (default: %(default)s)")
+    add("--alpha", type=POSITIVE, default=None, help="LoRA alpha (default: 2 * rank)")
+    add("--dropout", type=DROPOUT, default=defaults.dropout, help="dropout on the LoRA input (default: %(default)s)")
     add("--targets", default=defaults.targets,
         help="comma-separated module names to adapt, or 'all-linear' (default: %(default)s)")
     add("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
@@ -491,35 +479,32 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
              "'auto' (default) = the chat turn markers <start_of_turn>,<end_of_turn>, whose rows are untrained in "
              "pretrained Gemma checkpoints, so a model could not learn to end its answer; 'none'; or "
              "comma-separated tokens or ids")
-    add("--token-lr-scale", type=float, default=defaults.token_lr_scale,
+    add("--token-lr-scale", type=POSITIVE, default=defaults.token_lr_scale,
         help="learning rate of the token rows as a multiple of --lr (default: %(default)s)")
     add("--qlora", action="store_true", help="quantize the decoder's linear layers to NF4 (QLoRA)")
-    add("--batch-size", type=int, default=defaults.batch_size, help="sequences per micro-batch (default: %(default)s)")
-    add("--grad-accum", type=int, default=defaults.grad_accum,
+    add("--batch-size", type=COUNT, default=defaults.batch_size, help="sequences per micro-batch (default: %(default)s)")
+    add("--grad-accum", type=COUNT, default=defaults.grad_accum,
         help="micro-batches per optimizer step (default: %(default)s)")
-    add("--lr", type=float, default=defaults.lr, help="peak learning rate (default: %(default)s)")
-    add("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW weight decay (default: %(default)s)")
-    add("--warmup-steps", type=int, default=defaults.warmup_steps,
+    add("--lr", type=POSITIVE, default=defaults.lr, help="peak learning rate (default: %(default)s)")
+    add("--weight-decay", type=NON_NEGATIVE, default=defaults.weight_decay, help="AdamW weight decay (default: %(default)s)")
+    add("--warmup-steps", type=NON_NEGATIVE_INT, default=defaults.warmup_steps,
         help="linear warmup steps, capped at 5%% of the run (default: %(default)s)")
-    add("--epochs", type=int, default=None,
+    add("--epochs", type=COUNT, default=None,
         help=f"passes over the data (default: {STUDY_EPOCHS}; {EMBEDDED_CPU_EPOCHS} for the embedded defaults on a CPU)")
-    add("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    add("--max-length", type=int, default=None,
+    add("--max-steps", type=COUNT, default=None, help="stop after this many optimizer steps")
+    add("--max-length", type=COUNT, default=None,
         help=f"drop longer rows (default: {STUDY_MAX_LENGTH}; {EMBEDDED_CPU_MAX_LENGTH} for the embedded defaults on a CPU)")
-    add("--grad-clip", type=float, default=defaults.grad_clip, help="gradient norm clip (default: %(default)s)")
+    add("--grad-clip", type=POSITIVE, default=defaults.grad_clip, help="gradient norm clip (default: %(default)s)")
     add("--seed", type=int, default=defaults.seed, help="seed for init, dropout and data order (default: %(default)s)")
-    add("--save-every", type=int, default=defaults.save_every, help="checkpoint every N steps (default: %(default)s)")
-    add("--eval-every", type=int, default=defaults.eval_every, help="held-out loss every N steps (default: %(default)s)")
-    add("--eval-rows", type=int, default=defaults.eval_rows, help="held-out rows for the loss (default: %(default)s)")
+    add("--save-every", type=COUNT, default=defaults.save_every, help="checkpoint every N steps (default: %(default)s)")
+    add("--eval-every", type=COUNT, default=defaults.eval_every, help="held-out loss every N steps (default: %(default)s)")
+    add("--eval-rows", type=COUNT, default=defaults.eval_rows, help="held-out rows for the loss (default: %(default)s)")
     add("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
     add("--overwrite", action="store_true", help="discard an existing checkpoint in --out instead of resuming")
     args = parser.parse_args(argv)
     values = vars(args)
     if values["out"] is None:
         values["out"] = f"outputs/{'qlora' if args.qlora else 'lora'}_r{args.rank}"
-    for name, valid, rule in OPTION_RULES:
-        if values[name] is not None and not valid(values[name]):
-            parser.error(f"--{name.replace('_', '-')} must be {rule}, got {values[name]}")
     return TrainConfig(**values)
 
 

@@ -191,13 +191,14 @@ def run_cli(capsys, *args) -> tuple[int, str]:
 
 @pytest.mark.parametrize("args, message", [
     (["--model", "/nonexistent/model"], "cannot load a tokenizer from '/nonexistent/model'"),
-    (["--rank", "0"], "--rank must be >= 1"),
-    (["--max-steps", "0"], "--max-steps must be >= 1"),
-    (["--epochs", "-1"], "--epochs must be >= 1"),
-    (["--grad-clip", "-1"], "--grad-clip must be > 0"),
-    (["--token-lr-scale", "0"], "--token-lr-scale must be > 0"),
-    (["--lr", "nan"], "--lr must be > 0"),
-    (["--dropout", "1"], "--dropout must be in [0, 1)"),
+    (["--rank", "0"], "argument --rank: must be >= 1, got 0"),
+    (["--max-steps", "0"], "argument --max-steps: must be >= 1"),
+    (["--epochs", "-1"], "argument --epochs: must be >= 1"),
+    (["--epochs", "two"], "argument --epochs: 'two' is not a whole number"),
+    (["--grad-clip", "-1"], "argument --grad-clip: must be > 0"),
+    (["--token-lr-scale", "0"], "argument --token-lr-scale: must be > 0"),
+    (["--lr", "nan"], "argument --lr: must be > 0"),
+    (["--dropout", "1"], "argument --dropout: must be in [0, 1)"),
     (["--trainable-tokens", "<no_such_token>"], "not a single token of this tokenizer"),
 ])
 def test_bad_inputs_fail_with_one_clear_line(capsys, tmp_path, args, message):

@@ -1,0 +1,34 @@
+"""Numeric options are refused outside their real range while the arguments are parsed (exit code 2,
+one line naming the option), in every command line."""
+
+import argparse
+
+import pytest
+
+import evaluate
+import generate
+from options import DROPOUT, PROBABILITY, ranged
+
+
+def test_ranged_types_check_both_ends():
+    assert PROBABILITY("1") == 1.0 and DROPOUT("0") == 0.0 and ranged(int, 1)("3") == 3
+    for kind, text in [(PROBABILITY, "0"), (PROBABILITY, "1.5"), (DROPOUT, "1"), (DROPOUT, "-0.1"),
+                       (ranged(int, 1), "0"), (ranged(int, 1), "2.5"), (ranged(float, 0), "inf")]:
+        with pytest.raises(argparse.ArgumentTypeError):
+            kind(text)
+
+
+@pytest.mark.parametrize("parse, args, message", [
+    (generate._parser().parse_args, ["--prompt", "x", "--max-new-tokens", "0"], "argument --max-new-tokens: must be >= 1"),
+    (generate._parser().parse_args, ["--prompt", "x", "--batch-size", "0"], "argument --batch-size: must be >= 1"),
+    (generate._parser().parse_args, ["--prompt", "x", "--temperature", "-1"], "argument --temperature: must be >= 0"),
+    (generate._parser().parse_args, ["--prompt", "x", "--top-p", "5"], "argument --top-p: must be in (0, 1]"),
+    (evaluate._parser().parse_args, ["--workers", "-1"], "argument --workers: must be >= 1"),
+    (evaluate._parser().parse_args, ["--timeout", "0"], "argument --timeout: must be > 0"),
+    (evaluate._parser().parse_args, ["--limit", "-1"], "argument --limit: must be >= 1"),
+])
+def test_out_of_range_options_exit_2_with_one_line(capsys, parse, args, message):
+    with pytest.raises(SystemExit) as exit_:
+        parse(args)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
