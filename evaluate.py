@@ -48,7 +48,10 @@ from tqdm import tqdm
 
 import models
 from data.dataset import DataError, load_rows, split_rows, user_turn
-from generate import Completion, GenerateError, GenerationSettings, Generator, extract_code, read_jsonl, write_jsonl
+from generate import (
+    Completion, GenerateError, GenerationSettings, Generator, add_repetition_penalty, extract_code, read_jsonl,
+    write_jsonl,
+)
 from lora import AdapterError, read_adapter_config
 from options import COUNT, POSITIVE
 from sandbox import Limits, Outcome, run_programs
@@ -510,6 +513,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=COUNT, default=GenerationSettings.max_new_tokens,
                         help="answer length limit (default: %(default)s)")
     parser.add_argument("--batch-size", type=COUNT, default=16, help="prompts generated together (default: %(default)s)")
+    add_repetition_penalty(parser)
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--workers", type=COUNT, help="sandboxed programs run at once (default: CPU count)")
     parser.add_argument("--timeout", type=POSITIVE, default=10.0,
@@ -526,7 +530,7 @@ def evaluate_models(args: argparse.Namespace, limits: Limits) -> None:
     tasks = load_tasks(args.dataset, args.limit)
     print(f"{len(tasks.heldout)} held-out rows ({len(tasks.doctest_rows)} with doctests), "
           f"{len(tasks.humaneval)} HumanEval problems, {len(specs)} model(s)", file=sys.stderr)
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty)
     too_long = references_over(tasks, models.load_tokenizer(args.model), settings.max_new_tokens)
     print(f"{too_long} of {len(tasks.heldout)} held-out references are longer than {settings.max_new_tokens} tokens "
           "(an answer of their length cannot end its turn within the limit)", file=sys.stderr)

@@ -28,7 +28,7 @@ import models
 from data.dataset import user_turn
 from lora import AdapterError, load_adapter, read_adapter_config
 from lora.adapter import trained_on_nf4
-from options import COUNT, NON_NEGATIVE, PROBABILITY
+from options import COUNT, NON_NEGATIVE, PROBABILITY, ranged
 
 END_OF_TURN = "<end_of_turn>"
 START_OF_TURN = "<start_of_turn>"
@@ -108,12 +108,18 @@ class GenerationSettings:
     temperature: float = 0.0  # 0 means greedy
     top_p: float = 1.0
     seed: int = 0
+    # > 1 lowers the logits of tokens already in the prompt or answer (HF's CTRL-style penalty): against
+    # the loops a small model falls into when decoding greedily. 1 means off.
+    repetition_penalty: float = 1.0
 
     def as_key(self) -> dict:
         """Everything that decides what a model generates from a prompt, for caching."""
         sampling = self.temperature > 0
-        return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "stop": STOP_MARKERS,
-                "top_p": self.top_p if sampling else None, "seed": self.seed if sampling else None}
+        key = {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "stop": STOP_MARKERS,
+               "top_p": self.top_p if sampling else None, "seed": self.seed if sampling else None}
+        if self.repetition_penalty != 1.0:  # only then, so caches made before the option stay valid
+            key["repetition_penalty"] = self.repetition_penalty
+        return key
 
 
 @dataclass(frozen=True)
@@ -205,6 +211,7 @@ class Generator:
         return GenerationConfig(
             max_new_tokens=settings.max_new_tokens, do_sample=sampling,
             temperature=settings.temperature if sampling else None, top_p=settings.top_p if sampling else None,
+            repetition_penalty=settings.repetition_penalty if settings.repetition_penalty != 1.0 else None,
             top_k=None, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
             stop_strings=list(stop_strings) or None,
         )
@@ -240,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if bool(args.input) != bool(args.output):
         parser.error("--input and --output go together")
-    settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p, args.seed, args.repetition_penalty)
     try:
         requests = _read_requests(Path(args.input)) if args.input else None
         generator = Generator.load(args.model, args.adapter, args.device)
@@ -278,11 +285,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=PROBABILITY, default=1.0,
                         help="nucleus sampling, with --temperature (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: %(default)s)")
+    add_repetition_penalty(parser)
     parser.add_argument("--batch-size", type=COUNT, default=16,
                         help="prompts generated together in batch mode (default: %(default)s)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--raw", action="store_true", help="print the whole answer, not only the code")
     return parser
+
+
+def add_repetition_penalty(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repetition-penalty", type=ranged(float, 1), default=GenerationSettings.repetition_penalty,
+                        help="> 1 discourages tokens already seen, against greedy loops (default: %(default)s = off)")
 
 
 def _answer(generator: Generator, instruction: str, settings: GenerationSettings, show_raw: bool = False) -> None:

@@ -104,6 +104,23 @@ def test_sampling_is_reproducible_with_a_seed(generator):
     assert generator.complete(PROMPTS[:1], settings) == generator.complete(PROMPTS[:1], settings)
 
 
+def test_repetition_penalty_discourages_tokens_already_seen(generator):
+    greedy = generator.complete(PROMPTS[1:2], GenerationSettings(max_new_tokens=24))[0]
+    penalised = generator.complete(PROMPTS[1:2], GenerationSettings(max_new_tokens=24, repetition_penalty=5.0))[0]
+    prompt_tokens = set(generator.tokenizer(PROMPTS[1]).input_ids)
+
+    def repeats(completion):  # new tokens that were already in the prompt or earlier in the answer
+        ids = generator.tokenizer(completion.text, add_special_tokens=False).input_ids
+        return sum(token in prompt_tokens or token in ids[:index] for index, token in enumerate(ids))
+
+    assert repeats(penalised) < repeats(greedy)
+
+
+def test_the_cache_key_names_the_penalty_only_when_it_is_on():
+    assert "repetition_penalty" not in GenerationSettings().as_key()  # keys of older caches stay valid
+    assert GenerationSettings(repetition_penalty=1.2).as_key()["repetition_penalty"] == 1.2
+
+
 # ---------------------------------------------------------------------------------------------
 # The command line, end to end on a saved tiny model
 
