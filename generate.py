@@ -211,7 +211,7 @@ class Generator:
         return GenerationConfig(
             max_new_tokens=settings.max_new_tokens, do_sample=sampling,
             temperature=settings.temperature if sampling else None, top_p=settings.top_p if sampling else None,
-            repetition_penalty=settings.repetition_penalty if settings.repetition_penalty != 1.0 else None,
+            repetition_penalty=settings.repetition_penalty,  # HF adds no processor for 1.0
             top_k=None, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
             stop_strings=list(stop_strings) or None,
         )

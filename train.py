@@ -33,14 +33,15 @@ import torch
 from tqdm import tqdm
 
 import models
-from options import COUNT, DROPOUT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE
 from checkpoint import checkpoint_dirs, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from data.dataset import IGNORE_INDEX, DataError, batch_order, collate, encode_rows, load_rows, split_rows
 from lora import (
-    AdapterError, LoRAConfig, inject_lora, inject_trainable_tokens, parse_target_modules, save_adapter, trainable_report,
+    AdapterError, LoRAConfig, inject_lora, inject_trainable_tokens, parse_target_modules, save_adapter, token_rows,
+    trainable_report,
 )
 from lora.adapter import TRAINING_CONFIG_NAME
 from loss import count_supervised, decoder_hidden, loss_sum_at, supervised_loss_sum
+from options import COUNT, DROPOUT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE
 
 # On this 2-core CPU the study's 3 epochs at length 768 on the embedded corpus would take hours;
 # the embedded default trains less (README: "Training on the embedded defaults").
@@ -159,14 +160,15 @@ def prepare_model(config: TrainConfig, device: torch.device, dtype: torch.dtype,
 def resolve_trainable_tokens(spec: str, tokenizer) -> tuple[int, ...]:
     """`--trainable-tokens` -> token ids: "none", "auto" (the turn markers, when the tokenizer has
     them), or a comma-separated list of token strings and ids."""
-    if spec.strip() == "none":
+    spec = spec.strip()
+    if spec == "none":
         return ()
-    names = TURN_MARKERS if spec.strip() == "auto" else [item.strip() for item in spec.split(",") if item.strip()]
+    names = TURN_MARKERS if spec == "auto" else [item.strip() for item in spec.split(",") if item.strip()]
     ids = []
     for name in names:
         token_id = int(name) if name.isdigit() else tokenizer.convert_tokens_to_ids(name)
         if not isinstance(token_id, int) or (not name.isdigit() and token_id == tokenizer.unk_token_id):
-            if spec.strip() == "auto":
+            if spec == "auto":
                 return ()  # a tokenizer without Gemma's turn markers: nothing to train
             raise TrainError(f"--trainable-tokens: {name!r} is not a single token of this tokenizer")
         if not 0 <= token_id < len(tokenizer):
@@ -224,9 +226,9 @@ def make_optimizer(model, config: TrainConfig, device: torch.device, dtype: torc
     schedule's rate is multiplied by. Token rows get no weight decay: they are whole rows, not
     differences, and decay would pull them towards zero rather than towards the base model's row.
     """
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    lora = [p for name, p in named if not name.endswith(".trainable_tokens_delta")]
-    rows = [p for name, p in named if name.endswith(".trainable_tokens_delta")]
+    found = token_rows(model)
+    rows = [found[1].trainable_tokens_delta] if found else []
+    lora = [p for p in model.parameters() if p.requires_grad and not any(p is row for row in rows)]
     groups = [{"params": lora, "weight_decay": config.weight_decay, "lr_scale": 1.0}]
     if rows:
         groups.append({"params": rows, "weight_decay": 0.0, "lr_scale": config.token_lr_scale})

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from .layer import LoRALinear
+from .tokens import ROWS_NAME
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
@@ -75,7 +76,7 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 def mark_only_lora_as_trainable(model: nn.Module) -> None:
     """Adapters (and trainable token rows, if any) train; every base weight is frozen."""
     for name, parameter in model.named_parameters():
-        parameter.requires_grad_(".lora_A." in name or ".lora_B." in name or name.endswith(".trainable_tokens_delta"))
+        parameter.requires_grad_(".lora_A." in name or ".lora_B." in name or name.endswith(f".{ROWS_NAME}"))
 
 
 def set_adapters_disabled(model: nn.Module, disabled: bool) -> None:
