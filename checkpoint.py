@@ -1,5 +1,6 @@
 """Checkpoints that resume a training run bit for bit: the adapter, AdamW's state, the GradScaler,
-the Python / torch / CUDA random states, the step, the run's settings and a data fingerprint.
+the Python / torch / CUDA random states, the step, the run's settings and a data fingerprint; and
+the choice, at start, between resuming from an output folder and starting it afresh.
 
     out/checkpoint-000025/  adapter_model.safetensors, adapter_config.json (PEFT layout),
                             trainer_state.safetensors (optimizer tensors, torch RNG states),
@@ -11,6 +12,7 @@ when complete, so a crash never leaves one that looks finished; only the latest 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
@@ -18,10 +20,62 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lora import LoRAConfig, save_adapter
-from lora.adapter import atomic_write, load_adapter_tensors, read_adapter_weights
+from lora.adapter import AdapterError, atomic_write, load_adapter_tensors, read_adapter_weights
+
+# Settings that may change between a run and its resumption without changing the result.
+RESUMABLE_CHANGES = {"out", "save_every", "eval_every", "overwrite", "device"}
+
+
+class CheckpointError(RuntimeError):
+    """A run cannot resume from its output folder; the message is one line for the user."""
+
+
+def data_fingerprint(examples: list[dict], schedule: list[list[int]]) -> str:
+    """Identifies the tokenized rows and their order, so a resume on other data is refused."""
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(str(example["input_ids"]).encode())
+    digest.update(str(schedule).encode())
+    return digest.hexdigest()[:16]
+
+
+def start_or_resume(out: Path, settings: dict, fingerprint: str, model, optimizer, scaler, overwrite: bool) -> int:
+    """Resume from the latest checkpoint in `out` (state and RNG restored; returns its step), or
+    return 0 for a fresh start: with `overwrite`, older checkpoints are removed first."""
+    existing = checkpoint_dirs(out) if out.exists() else []
+    if existing and overwrite:
+        for directory in existing:
+            shutil.rmtree(directory)
+        existing = []
+    if not existing and (out / "adapter_model.safetensors").exists() and not overwrite:
+        raise CheckpointError(f"{out} holds an adapter but no checkpoint to resume from; use --overwrite to "
+                              "replace it, or another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    if not existing:
+        return 0
+    latest = existing[-1]
+    saved = _read_state(latest)
+    _check_resumable(saved["config"], settings, out)
+    if saved["data_fingerprint"] != fingerprint:
+        raise CheckpointError(f"the data differs from the run in {out}; use --overwrite to start over, or another --out")
+    step, rng = load_checkpoint(latest, model, optimizer, scaler)
+    restore_rng_state(rng)
+    print(f"resuming from {latest.name} (step {step})")
+    return step
+
+
+def _check_resumable(saved: dict, current: dict, directory: Path) -> None:
+    changed = [key for key in current if key not in RESUMABLE_CHANGES and saved.get(key) != current[key]]
+    if changed:
+        key = changed[0]
+        raise CheckpointError(
+            f"{directory} was started with {key}={saved.get(key)!r}, now {key}={current[key]!r}; "
+            "use --overwrite to start over, or another --out"
+        )
 
 
 def rng_state() -> dict:
@@ -74,16 +128,35 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scaler, rng: dict, c
 
 def load_checkpoint(directory: Path, model, optimizer, scaler) -> tuple[int, dict]:
     """Restore adapter, optimizer and scaler in place; return (step, RNG state to restore)."""
-    state = json.loads((directory / "state.json").read_text())
-    load_adapter_tensors(model, read_adapter_weights(directory), str(directory))
-    tensors = load_file(directory / "trainer_state.safetensors")
-    optimizer.load_state_dict(_unflatten_optimizer_state(tensors, state["optimizer_param_groups"]))
-    scaler.load_state_dict(state["grad_scaler"])
+    state = _read_state(directory)
+    try:
+        load_adapter_tensors(model, read_adapter_weights(directory), str(directory))
+        tensors = load_file(directory / "trainer_state.safetensors")
+        optimizer.load_state_dict(_unflatten_optimizer_state(tensors, state["optimizer_param_groups"]))
+        scaler.load_state_dict(state["grad_scaler"])
+    except (OSError, SafetensorError, AdapterError, KeyError, ValueError) as error:
+        raise _damaged(directory, error) from None
     rng = {"python": _python_rng_from_json(state["python_rng"]), "torch": tensors["rng.torch"]}
     cuda_states = [tensors[key] for key in sorted(tensors) if key.startswith("rng.cuda.")]
     if cuda_states:
         rng["cuda"] = cuda_states
     return state["step"], rng
+
+
+def _read_state(directory: Path) -> dict:
+    try:
+        state = json.loads((directory / "state.json").read_text())
+        for key in ("step", "config", "data_fingerprint", "optimizer_param_groups", "grad_scaler", "python_rng"):
+            state[key]  # noqa: B018 (a missing key is a damaged checkpoint)
+        return state
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise _damaged(directory, error) from None
+
+
+def _damaged(directory: Path, error: Exception) -> CheckpointError:
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return CheckpointError(f"checkpoint {directory} is damaged ({reason}); delete it to resume from an older "
+                           "one, or use --overwrite to start over")
 
 
 def _flatten_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], list]:

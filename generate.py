@@ -14,87 +14,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
+from transformers import (GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria,
+                          StoppingCriteriaList, StopStringCriteria, TextStreamer)
 
 import models
-from data.dataset import user_turn
+from chat_format import STOP_MARKERS, extract_code, user_turn
 from lora import AdapterError, load_adapter, read_adapter_config
 from lora.adapter import trained_on_nf4
-from options import COUNT, NON_NEGATIVE, PROBABILITY, ranged
-
-END_OF_TURN = "<end_of_turn>"
-START_OF_TURN = "<start_of_turn>"
-# Besides EOS, these end an answer: the end of its turn, or the start of a turn the model invents.
-STOP_MARKERS = (END_OF_TURN, START_OF_TURN)
-
-# ---------------------------------------------------------------------------------------------
-# Code extraction
-
-
-FENCED_BLOCK = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
-PYTHON_FENCES = {"", "python", "python3", "py"}
-# An invented next turn: Gemma's marker, or the bare role line left when markers are stripped.
-STRAY_TURN = re.compile(rf"{re.escape(START_OF_TURN)}|{re.escape(END_OF_TURN)}|<eos>|^(?:user|model)[ \t]*$",
-                        re.MULTILINE)
-PYTHON_KEYWORDS = {
-    "and", "as", "assert", "async", "await", "break", "class", "continue", "def", "del", "elif", "else",
-    "except", "finally", "for", "from", "global", "if", "import", "in", "is", "lambda", "nonlocal", "not",
-    "or", "pass", "raise", "return", "try", "while", "with", "yield", "print",
-}
-# An unindented line of English: "Here is the code:", "This function uses recursion.", "Output:".
-SENTENCE = re.compile(r"^[A-Za-z][A-Za-z']*[,:!.]?[ \t]+[A-Za-z]|^[A-Z][\w' ]*:[ \t]*$|^(?:[-*][ \t]|\d+\.[ \t])")
-
-
-def extract_code(response: str, entry_point: str | None = None) -> str:
-    """The Python code in a model's answer (new tokens only), or "" when there is none.
-
-    `entry_point`, when known, picks the fenced block that defines that function.
-    """
-    answer = STRAY_TURN.split(response, maxsplit=1)[0]
-    blocks = FENCED_BLOCK.findall(answer)
-    if blocks:
-        return _choose_block(blocks, entry_point).strip("\n").rstrip()
-    return _without_prose(answer)
-
-
-def _choose_block(blocks: list[tuple[str, str]], entry_point: str | None) -> str:
-    python_blocks = [code for language, code in blocks if language.lower() in PYTHON_FENCES] or [
-        code for _, code in blocks
-    ]
-    if entry_point:
-        defining = re.compile(rf"^\s*(?:async\s+)?def\s+{re.escape(entry_point)}\s*\(", re.MULTILINE)
-        for code in python_blocks:
-            if defining.search(code):
-                return code
-    return python_blocks[0]
-
-
-def _without_prose(answer: str) -> str:
-    """Drop English before the code, and everything from the first English line after it."""
-    lines = answer.splitlines()
-    start = 0
-    while start < len(lines) and (not lines[start].strip() or _is_prose(lines[start])):
-        start += 1
-    end = start
-    while end < len(lines) and not _is_prose(lines[end]):
-        end += 1
-    return "\n".join(lines[start:end]).strip("\n").rstrip()
-
-
-def _is_prose(line: str) -> bool:
-    if not line or line[0].isspace() or not SENTENCE.match(line):
-        return False
-    first_word = re.match(r"[A-Za-z_]\w*", line)
-    return not (first_word and first_word.group() in PYTHON_KEYWORDS)
-
+from options import COUNT, NON_NEGATIVE, NON_NEGATIVE_INT, PROBABILITY, ranged
 
 # ---------------------------------------------------------------------------------------------
 # Generation
@@ -111,6 +46,9 @@ class GenerationSettings:
     # > 1 lowers the logits of tokens already in the prompt or answer (HF's CTRL-style penalty): against
     # the loops a small model falls into when decoding greedily. 1 means off.
     repetition_penalty: float = 1.0
+    # n > 0 forbids repeating any n tokens in a row verbatim (HF's no_repeat_ngram_size): it breaks a
+    # loop at its second pass without penalising the names that code must repeat. 0 means off.
+    no_repeat_ngram: int = 0
 
     def as_key(self) -> dict:
         """Everything that decides what a model generates from a prompt, for caching."""
@@ -119,6 +57,8 @@ class GenerationSettings:
                "top_p": self.top_p if sampling else None, "seed": self.seed if sampling else None}
         if self.repetition_penalty != 1.0:  # only then, so caches made before the option stay valid
             key["repetition_penalty"] = self.repetition_penalty
+        if self.no_repeat_ngram:
+            key["no_repeat_ngram"] = self.no_repeat_ngram
         return key
 
 
@@ -172,48 +112,68 @@ class Generator:
     def complete(self, prompts: Sequence[str], settings: GenerationSettings, batch_size: int = 16,
                  stop_strings: Sequence[str] = (), on_batch: Callable[[list[int], list[Completion]], None] | None = None,
                  ) -> list[Completion]:
-        """Complete every prompt, `batch_size` at a time, longest first (less padding per batch).
+        """Complete every prompt, `batch_size` at a time, longest prompt first (less padding per batch).
 
-        `stop_strings` end a completion early (and are cut off); `on_batch(indices, completions)`
-        is called after each batch, e.g. to save progress.
+        A finished answer's slot is refilled: once half the batch has finished while prompts are
+        waiting, generation pauses; the unfinished answers go on in the next batch beside new prompts,
+        from their prompt and the tokens they have so far. Without it a batch ran as long as its
+        longest answer: one answer looping to the limit kept fifteen finished slots idle.
+        `stop_strings` end a completion early (and are cut off); `on_batch(indices, completions)` is
+        called with the answers that finished in each batch, e.g. to save progress.
         """
-        lengths = [len(ids) for ids in self.tokenizer(list(prompts)).input_ids]
-        order = sorted(range(len(prompts)), key=lambda index: -lengths[index])
+        encoded = self.tokenizer(list(prompts)).input_ids
+        waiting = deque(sorted((_Answer(index, ids) for index, ids in enumerate(encoded)), key=lambda a: -len(a.ids)))
+        running: list[_Answer] = []
         completions: list[Completion | None] = [None] * len(prompts)
-        for batch in _chunks(order, batch_size):
-            results = self._generate([prompts[index] for index in batch], settings, stop_strings)
-            for index, result in zip(batch, results):
-                completions[index] = result
-            if on_batch:
-                on_batch(batch, results)
+        while waiting or running:
+            while waiting and len(running) < batch_size:
+                running.append(waiting.popleft())
+            pause_after = max(1, len(running) // 2) if waiting else None
+            self._extend(running, settings, stop_strings, pause_after)
+            finished = [answer for answer in running if answer.finished]
+            running = [answer for answer in running if not answer.finished]
+            results = [self.to_completion(answer.generated, stop_strings) for answer in finished]
+            for answer, result in zip(finished, results):
+                completions[answer.index] = result
+            if on_batch and finished:
+                on_batch([answer.index for answer in finished], results)
         return completions  # type: ignore[return-value]
 
     def stream(self, prompt: str, settings: GenerationSettings) -> Completion:
         """Complete one prompt, printing its text to stdout as it is generated."""
+        answer = _Answer(0, self.tokenizer(prompt).input_ids)
         streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        return self._generate([prompt], settings, (), streamer)[0]
+        self._extend([answer], settings, (), None, streamer)
+        return self.to_completion(answer.generated)
 
     @torch.inference_mode()
-    def _generate(self, prompts: list[str], settings: GenerationSettings, stop_strings: Sequence[str],
-                  streamer: TextStreamer | None = None) -> list[Completion]:
-        inputs = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.model.device)
+    def _extend(self, answers: list[_Answer], settings: GenerationSettings, stop_strings: Sequence[str],
+                pause_after: int | None, streamer: TextStreamer | None = None) -> None:
+        """Generate for `answers` together until all have finished, or `pause_after` of them have."""
+        inputs = self.tokenizer.pad({"input_ids": [answer.ids for answer in answers]}, return_tensors="pt")
+        width = inputs["input_ids"].shape[1]
+        budgets = [settings.max_new_tokens - len(answer.generated) for answer in answers]
+        tracker = _FinishTracker(width, budgets, self.stop_ids, pause_after,
+                                 StopStringCriteria(self.tokenizer, stop_strings) if stop_strings else None)
         if settings.temperature > 0:
             torch.manual_seed(settings.seed)
         output = self.model.generate(
-            **inputs, generation_config=self._generation_config(settings, stop_strings),
-            tokenizer=self.tokenizer if stop_strings else None, streamer=streamer,
+            **inputs.to(self.model.device), generation_config=self._generation_config(settings, max(budgets)),
+            stopping_criteria=StoppingCriteriaList([tracker]), streamer=streamer,
         )
-        new_tokens = output[:, inputs["input_ids"].shape[1]:]
-        return [self.to_completion(row.tolist(), stop_strings) for row in new_tokens]
+        for answer, row, finished in zip(answers, output[:, width:].tolist(), tracker.finished.tolist()):
+            # A finished row is padded after its end (to_completion cuts there); a paused one is all tokens.
+            answer.ids.extend(row)
+            answer.finished = finished
 
-    def _generation_config(self, settings: GenerationSettings, stop_strings: Sequence[str]) -> GenerationConfig:
+    def _generation_config(self, settings: GenerationSettings, max_new_tokens: int) -> GenerationConfig:
         sampling = settings.temperature > 0
         return GenerationConfig(
-            max_new_tokens=settings.max_new_tokens, do_sample=sampling,
+            max_new_tokens=max_new_tokens, do_sample=sampling,
             temperature=settings.temperature if sampling else None, top_p=settings.top_p if sampling else None,
             repetition_penalty=settings.repetition_penalty,  # HF adds no processor for 1.0
+            no_repeat_ngram_size=settings.no_repeat_ngram,  # nor for 0
             top_k=None, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
-            stop_strings=list(stop_strings) or None,
         )
 
     def to_completion(self, ids: list[int], stop_strings: Sequence[str] = ()) -> Completion:
@@ -229,13 +189,42 @@ class Generator:
         return Completion(text, generated)
 
 
+class _Answer:
+    """One prompt's answer in progress: its token ids (prompt, then what it generated so far)."""
+
+    def __init__(self, index: int, prompt_ids: list[int]):
+        self.index, self.ids, self.prompt_length = index, list(prompt_ids), len(prompt_ids)
+        self.finished = False
+
+    @property
+    def generated(self) -> list[int]:
+        return self.ids[self.prompt_length:]
+
+
+class _FinishTracker(StoppingCriteria):
+    """Marks each row finished at a stop token, a stop string or its own token budget; once
+    `pause_after` rows have finished it stops the whole batch, leaving the others unfinished."""
+
+    def __init__(self, prompt_width: int, budgets: list[int], stop_ids: list[int], pause_after: int | None,
+                 stop_strings: StopStringCriteria | None):
+        self.prompt_width, self.stop_ids, self.pause_after = prompt_width, stop_ids, pause_after
+        self.budgets = torch.tensor(budgets)
+        self.stop_strings = stop_strings
+        self.finished = torch.zeros(len(budgets), dtype=torch.bool)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        last = input_ids[:, -1].cpu()
+        ended = torch.isin(last, torch.tensor(self.stop_ids)) | (input_ids.shape[1] - self.prompt_width >= self.budgets)
+        if self.stop_strings is not None:
+            ended |= self.stop_strings(input_ids, scores).cpu()
+        self.finished |= ended  # a finished row is padded from now on: its mark must stay
+        if self.pause_after is not None and int(self.finished.sum()) >= self.pause_after:
+            return torch.ones_like(self.finished, device=input_ids.device)
+        return self.finished.to(input_ids.device)
+
+
 def _contiguous_input(module: torch.nn.Module, args: tuple) -> tuple:
     return (args[0].contiguous(), *args[1:])
-
-
-def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,7 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if bool(args.input) != bool(args.output):
         parser.error("--input and --output go together")
-    settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p, args.seed, args.repetition_penalty)
+    settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p, args.seed, args.repetition_penalty,
+                                  args.no_repeat_ngram)
     try:
         requests = _read_requests(Path(args.input)) if args.input else None
         generator = Generator.load(args.model, args.adapter, args.device)
@@ -285,7 +275,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=PROBABILITY, default=1.0,
                         help="nucleus sampling, with --temperature (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: %(default)s)")
-    add_repetition_penalty(parser)
+    add_anti_repetition_options(parser)
     parser.add_argument("--batch-size", type=COUNT, default=16,
                         help="prompts generated together in batch mode (default: %(default)s)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
@@ -293,9 +283,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_repetition_penalty(parser: argparse.ArgumentParser) -> None:
+def add_anti_repetition_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repetition-penalty", type=ranged(float, 1), default=GenerationSettings.repetition_penalty,
                         help="> 1 discourages tokens already seen, against greedy loops (default: %(default)s = off)")
+    parser.add_argument("--no-repeat-ngram", type=NON_NEGATIVE_INT, default=GenerationSettings.no_repeat_ngram,
+                        metavar="N", help="forbid repeating any N tokens verbatim, against greedy loops "
+                                          "(default: %(default)s = off)")
 
 
 def _answer(generator: Generator, instruction: str, settings: GenerationSettings, show_raw: bool = False) -> None:

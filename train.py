@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
 import random
-import resource
-import shutil
 import signal
 import sys
 import time
@@ -33,7 +30,8 @@ import torch
 from tqdm import tqdm
 
 import models
-from checkpoint import checkpoint_dirs, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
+from chat_format import TURN_MARKERS
+from checkpoint import CheckpointError, data_fingerprint, rng_state, save_checkpoint, start_or_resume
 from data.dataset import IGNORE_INDEX, DataError, batch_order, collate, encode_rows, load_rows, split_rows
 from lora import (
     AdapterError, LoRAConfig, inject_lora, inject_trainable_tokens, parse_target_modules, save_adapter, token_rows,
@@ -42,6 +40,7 @@ from lora import (
 from lora.adapter import TRAINING_CONFIG_NAME
 from loss import count_supervised, decoder_hidden, loss_sum_at, supervised_loss_sum
 from options import COUNT, DROPOUT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE
+from training_log import peak_memory_bytes, plot_losses, read_metrics, record, summarize, summary_line, truncate_metrics
 
 # On this 2-core CPU the study's 3 epochs at length 768 on the embedded corpus would take hours;
 # the embedded default trains less (README: "Training on the embedded defaults").
@@ -49,11 +48,6 @@ EMBEDDED_CPU_EPOCHS = 1
 EMBEDDED_CPU_MAX_LENGTH = 512
 STUDY_EPOCHS = 3
 STUDY_MAX_LENGTH = 768
-# The chat markers whose rows `--trainable-tokens auto` trains: every training example uses both, and
-# in pretrained (not instruction-tuned) Gemma checkpoints their rows were never trained.
-TURN_MARKERS = ("<start_of_turn>", "<end_of_turn>")
-# Settings that may change between a run and its resumption without changing the result.
-RESUMABLE_CHANGES = {"out", "save_every", "eval_every", "overwrite", "device"}
 
 
 class TrainError(RuntimeError):
@@ -120,31 +114,12 @@ def warmup_for(total_steps: int, requested: int) -> int:
     return max(1, min(requested, math.ceil(0.05 * total_steps)))
 
 
-def check_resumable(saved: dict, config: TrainConfig, directory: Path) -> None:
-    current = dataclasses.asdict(config)
-    changed = [key for key in current if key not in RESUMABLE_CHANGES and saved.get(key) != current[key]]
-    if changed:
-        key = changed[0]
-        raise TrainError(
-            f"{directory} was started with {key}={saved.get(key)!r}, now {key}={current[key]!r}; "
-            "use --overwrite to start over, or another --out"
-        )
-
-
 # ----------------------------------------------------------------------------------- the run
 
 def schedule_micro_batches(lengths: list[int], config: TrainConfig) -> list[list[int]]:
     """Every micro-batch of every epoch, in training order (deterministic in the seed)."""
     return [batch for epoch in range(config.epochs)
             for batch in batch_order(lengths, config.batch_size, config.seed, epoch)]
-
-
-def data_fingerprint(examples: list[dict], schedule: list[list[int]]) -> str:
-    digest = hashlib.sha256()
-    for example in examples:
-        digest.update(str(example["input_ids"]).encode())
-    digest.update(str(schedule).encode())
-    return digest.hexdigest()[:16]
 
 
 def prepare_model(config: TrainConfig, device: torch.device, dtype: torch.dtype,
@@ -163,6 +138,8 @@ def resolve_trainable_tokens(spec: str, tokenizer) -> tuple[int, ...]:
     spec = spec.strip()
     if spec == "none":
         return ()
+    # `auto`: the chat markers every training example uses, whose rows pretrained (not
+    # instruction-tuned) Gemma checkpoints never trained.
     names = TURN_MARKERS if spec == "auto" else [item.strip() for item in spec.split(",") if item.strip()]
     ids = []
     for name in names:
@@ -273,12 +250,6 @@ def held_out_losses(model, batches: list[dict], device: torch.device, dtype: tor
     return {"held_out_loss": loss / max(tokens, 1), "held_out_end_loss": end_loss / max(rows, 1)}
 
 
-def peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
 def run(config: TrainConfig, after_step: Callable[[int], None] | None = None) -> dict:
     """Train (or resume) as `config` says; returns the summary. `after_step(step)` is called after
     each optimizer step (benchmarks time steps with it; tests kill the process with it)."""
@@ -315,7 +286,14 @@ def run(config: TrainConfig, after_step: Callable[[int], None] | None = None) ->
     print(trainable_report(model))
     parameters, optimizer, scaler = make_optimizer(model, config, device, dtype)
 
-    start_step, metrics_path = prepare_output(out, config, fingerprint, model, optimizer, scaler)
+    start_step = start_or_resume(out, dataclasses.asdict(config), fingerprint, model, optimizer, scaler,
+                                 config.overwrite)
+    metrics_path = out / "metrics.jsonl"
+    if start_step == 0:
+        metrics_path.unlink(missing_ok=True)
+        (out / TRAINING_CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    else:
+        truncate_metrics(metrics_path, start_step)  # lines a killed run wrote after its checkpoint
     model.train()
     history = read_metrics(metrics_path)
     if start_step == 0:
@@ -360,103 +338,10 @@ def run(config: TrainConfig, after_step: Callable[[int], None] | None = None) ->
 
     save_adapter(model, out, lora)
     plot_losses(history, out / "training_loss.png")
-    summary = summarize(config, model, history, time.time() - started, peak_memory_bytes(device), dropped)
+    summary = summarize(model, history, time.time() - started, peak_memory_bytes(device), dropped,
+                        {"epochs": config.epochs, "max_length": config.max_length, "qlora": config.qlora})
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def prepare_output(out: Path, config: TrainConfig, fingerprint: str, model, optimizer, scaler) -> tuple[int, Path]:
-    """Resume from the latest checkpoint in `out`, or start fresh; returns (start step, metrics path)."""
-    metrics_path = out / "metrics.jsonl"
-    existing = checkpoint_dirs(out) if out.exists() else []
-    if existing and config.overwrite:
-        for directory in existing:
-            shutil.rmtree(directory)
-        metrics_path.unlink(missing_ok=True)
-        existing = []
-    out.mkdir(parents=True, exist_ok=True)
-    if not existing:
-        metrics_path.unlink(missing_ok=True)
-        (out / TRAINING_CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-        return 0, metrics_path
-    latest = existing[-1]
-    saved = json.loads((latest / "state.json").read_text())
-    check_resumable(saved["config"], config, out)
-    if saved["data_fingerprint"] != fingerprint:
-        raise TrainError(f"the data differs from the run in {out}; use --overwrite to start over, or another --out")
-    step, rng = load_checkpoint(latest, model, optimizer, scaler)
-    restore_rng_state(rng)
-    truncate_metrics(metrics_path, step)
-    print(f"resuming from {latest.name} (step {step})")
-    return step, metrics_path
-
-
-def read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop the lines a killed run wrote after its last checkpoint; they will be written again."""
-    kept = [entry for entry in read_metrics(path) if entry["step"] <= step]
-    path.write_text("".join(json.dumps(entry) + "\n" for entry in kept))
-
-
-def record(path: Path, history: list[dict], entry: dict) -> None:
-    history.append(entry)
-    with path.open("a") as handle:
-        handle.write(json.dumps(entry) + "\n")
-
-
-def plot_losses(history: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(e["step"], e["loss"]) for e in history if "loss" in e]
-    held = [(e["step"], e["held_out_loss"]) for e in history if "held_out_loss" in e]
-    figure, axes = plt.subplots(figsize=(7, 4))
-    if train:
-        axes.plot(*zip(*train), label="train (per step)", alpha=0.6)
-    if held:
-        axes.plot(*zip(*held), "o-", label="held-out")
-    axes.set_xlabel("optimizer step")
-    axes.set_ylabel("loss per supervised token")
-    axes.legend()
-    axes.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-
-
-def summarize(config: TrainConfig, model, history: list[dict], wall_s: float, peak_bytes: int, dropped: int) -> dict:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    steps = [e for e in history if "loss" in e]
-    held = [e["held_out_loss"] for e in history if "held_out_loss" in e]
-    held_end = [e["held_out_end_loss"] for e in history if "held_out_end_loss" in e]
-    tokens = sum(e["tokens"] for e in steps)
-    seconds = sum(e["seconds"] for e in steps)
-    return {
-        "trainable_params": trainable, "wall_s": round(wall_s, 1), "peak_memory_gb": round(peak_bytes / 1e9, 2),
-        "steps": len(steps), "final_train_loss": steps[-1]["loss"] if steps else None,
-        "held_out_loss_before": held[0] if held else None, "held_out_loss_after": held[-1] if held else None,
-        "held_out_end_loss_before": held_end[0] if held_end else None,
-        "held_out_end_loss_after": held_end[-1] if held_end else None,
-        "tokens_per_s": round(tokens / seconds, 1) if seconds else None, "rows_dropped_too_long": dropped,
-        "epochs": config.epochs, "max_length": config.max_length, "qlora": config.qlora,
-    }
-
-
-def summary_line(summary: dict) -> str:
-    minutes, seconds = divmod(int(summary["wall_s"]), 60)
-    before, after = summary["held_out_loss_before"], summary["held_out_loss_after"]
-    return (f"done: trainable params {summary['trainable_params']:,} | wall {minutes}m{seconds:02d}s | "
-            f"peak memory {summary['peak_memory_gb']:.1f} GB | {summary['tokens_per_s']} tokens/s | "
-            f"train loss {summary['final_train_loss']:.4f} | held-out loss {before:.4f} -> {after:.4f} | "
-            f"held-out <end_of_turn> loss {summary['held_out_end_loss_before']:.4f} -> "
-            f"{summary['held_out_end_loss_after']:.4f}")
 
 
 # ----------------------------------------------------------------------------------- command line
@@ -516,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         summary = run(config)
-    except (TrainError, DataError, AdapterError, models.ModelLoadError, ValueError) as error:
+    except (TrainError, CheckpointError, DataError, AdapterError, models.ModelLoadError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # before the loop started: there is nothing to save yet

@@ -17,7 +17,8 @@ from transformers import GenerationConfig
 
 from bench.measure import synchronize
 from bench.training import BenchSettings
-from data.dataset import load_rows, split_rows, user_turn
+from chat_format import user_turn
+from data.dataset import load_rows, split_rows
 from generate import GenerationSettings, Generator
 
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from train import peak_memory_bytes
+from training_log import peak_memory_bytes
 
 # The LoRA targets every variant trains; the FLOP count below assumes exactly these.
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -50,7 +50,7 @@ class TrainingMeter:
 # ---------------------------------------------------------------------------------- memory
 
 def reset_peak_memory(device: torch.device) -> None:
-    """Start a new peak for train.peak_memory_bytes, so loading the model (ours loads float32 before quantizing for QLoRA) is
+    """Start a new peak for training_log.peak_memory_bytes, so loading the model (ours loads float32 before quantizing for QLoRA) is
     told apart from training. On Linux, writing 5 to clear_refs resets the RSS high-water mark that
     ru_maxrss reports; where that is not allowed the peak simply stays the whole-process one."""
     if device.type == "cuda":

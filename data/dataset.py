@@ -1,4 +1,4 @@
-"""Training data: loading Alpaca-style rows, the Gemma chat format, label masking, the split and batching.
+"""Training data: loading Alpaca-style rows, chat-format tokens with label masking, the split, batching.
 
 Rows have string fields `instruction`, `output` and optionally `input`, whatever the source: the embedded
 corpus ("default"), a Hugging Face dataset id, or local .json / .jsonl / .parquet files. Every example is
@@ -18,9 +18,10 @@ import datasets
 import torch
 from tqdm.auto import tqdm
 
+from chat_format import END_OF_TURN, user_turn
+
 DEFAULT_DATASET = Path(__file__).resolve().parent / "python_pairs.parquet"
 IGNORE_INDEX = -100  # label of tokens that carry no loss
-END_OF_TURN = "<end_of_turn>"
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 # Names ending like these are files the user meant, never Hugging Face ids (so no slow hub lookup).
 FILE_SUFFIXES = {*LOCAL_FORMATS, ".csv", ".tsv", ".txt", ".arrow", ".gz", ".zip"}
@@ -120,12 +121,6 @@ def split_rows(rows: datasets.Dataset, test_size: float = 0.1, seed: int = 42) -
 
 
 # ---------------------------------------------------------------- formatting and masking
-
-def user_turn(instruction: str, input: str = "") -> str:
-    """The prompt up to where the model answers; also the generation prompt (the tokenizer adds BOS)."""
-    request = f"{instruction}\n{input}" if input else instruction
-    return f"<start_of_turn>user\n{request}{END_OF_TURN}\n<start_of_turn>model\n"
-
 
 def encode_example(tokenizer, instruction: str, input: str, output: str) -> dict:
     """{"input_ids", "labels"}: labels are -100 on BOS and the whole prompt, the ids elsewhere."""

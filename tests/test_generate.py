@@ -1,4 +1,4 @@
-"""Code extraction (including the study's failures) and generation with a tiny random model."""
+"""Generation with a tiny random model: batching, refilled slots, stop tokens, sampling, the CLI."""
 
 from __future__ import annotations
 
@@ -11,48 +11,8 @@ import torch
 
 import generate
 from conftest import build_tiny_model, make_tiny_tokenizer
-from generate import Completion, GenerationSettings, Generator, extract_code
+from generate import Completion, GenerationSettings, Generator
 from lora import LoRAConfig, inject_lora, save_adapter
-
-FIB = "def fib(n):\n    if n < 2:\n        return n\n    return fib(n - 1) + fib(n - 2)"
-
-
-@pytest.mark.parametrize("response, code", [
-    pytest.param(FIB + "<end_of_turn>", FIB, id="stops-at-end-of-turn"),
-    pytest.param(FIB + "\n<start_of_turn>user\nNow write a sort<end_of_turn>", FIB, id="stray-turn-marker"),
-    pytest.param(FIB + "\nuser\nNow write a sort\nmodel\ndef sort(x):\n    pass", FIB, id="stray-bare-role-lines"),
-    pytest.param("Here is the code:\n\n```python\n" + FIB + "\n```\n\nThis uses recursion.", FIB, id="fence-and-prose"),
-    pytest.param("```py\n" + FIB + "\n", FIB, id="unclosed-fence"),
-    pytest.param("Sure! Here is a function:\n" + FIB + "\n\nThis function uses recursion.\nIt is slow.", FIB,
-                 id="prose-without-fence"),
-    pytest.param(FIB + "\n\nOutput:\n55", FIB, id="output-section"),
-    pytest.param("   \n\t", "", id="whitespace-is-no-code"),
-    pytest.param("<end_of_turn>", "", id="empty-turn"),
-])
-def test_extract_code(response, code):
-    assert extract_code(response) == code
-
-
-# The study cut the answer at the word "model", which broke on code like this.
-SKLEARN = ("from sklearn.linear_model import LinearRegression\n\n"
-           "def train(X, y):\n    # fit the model to the data\n    model = LinearRegression()\n"
-           "    model.fit(X, y)\n    return model")
-
-
-@pytest.mark.parametrize("response", [
-    SKLEARN,
-    SKLEARN + "<end_of_turn>\n<start_of_turn>model\nmodel = None",
-    "This trains a linear model:\n```python\n" + SKLEARN + "\n```\nThe model is returned.",
-])
-def test_code_mentioning_model_is_kept_whole(response):
-    assert extract_code(response) == SKLEARN
-
-
-def test_the_entry_point_picks_among_several_blocks():
-    response = "```python\nimport math\n```\nthen\n```python\n" + FIB + "\n```\n```python\nprint(fib(5))\n```"
-    assert extract_code(response, entry_point="fib") == FIB
-    assert extract_code(response) == "import math"
-
 
 # ---------------------------------------------------------------------------------------------
 # Generation with a tiny random-init model
@@ -73,6 +33,31 @@ def test_batched_left_padded_generation_matches_one_at_a_time(generator):
     alone = [generator.complete([prompt], settings, batch_size=1)[0] for prompt in PROMPTS]
     assert batched == alone
     assert all(1 <= completion.new_tokens <= 8 for completion in batched)
+
+
+def test_finished_slots_are_refilled_and_every_answer_matches_one_at_a_time(generator, monkeypatch):
+    prompts = PROMPTS + ["import os\n", "x = [1, 2, 3]\nprint(", "<start_of_turn>user\nReverse a string<end_of_turn>\n"]
+    settings = GenerationSettings(max_new_tokens=12)
+    # The random model never ends a turn: make the second token of the first answer a stop token, so
+    # that some answers end early and others run to the limit.
+    first = generator.complete(prompts[:1], settings)[0]
+    generator.stop_ids.append(generator.tokenizer(first.text, add_special_tokens=False).input_ids[1])
+    alone = [generator.complete([prompt], settings, batch_size=1)[0] for prompt in prompts]
+    assert {completion.new_tokens < 12 for completion in alone} == {True, False}
+
+    batches = []
+    extend = generator._extend
+
+    def record(answers, *args, **kwargs):
+        batches.append(["resumed" if answer.generated else "new" for answer in answers])
+        return extend(answers, *args, **kwargs)
+
+    monkeypatch.setattr(generator, "_extend", record)
+    finished = []
+    batched = generator.complete(prompts, settings, batch_size=3, on_batch=lambda indices, _: finished.extend(indices))
+    assert batched == alone
+    assert any(set(batch) == {"resumed", "new"} for batch in batches)  # a freed slot took a new prompt
+    assert sorted(finished) == list(range(len(prompts)))  # each answer reported once, when it finished
 
 
 def test_logits_are_computed_for_the_last_position_only_from_a_contiguous_input(generator):
@@ -116,9 +101,27 @@ def test_repetition_penalty_discourages_tokens_already_seen(generator):
     assert repeats(penalised) < repeats(greedy)
 
 
+def test_no_repeat_ngram_breaks_a_greedy_loop(generator, monkeypatch):
+    generated = []  # token ids: the tiny byte-level tokenizer does not round-trip every answer's text
+    to_completion = generator.to_completion
+    monkeypatch.setattr(generator, "to_completion", lambda ids, *args: generated.append(ids) or to_completion(ids, *args))
+    prompt_ids = generator.tokenizer(PROMPTS[1]).input_ids
+
+    def repeated_trigrams(settings):  # over the prompt and the answer, as HF counts them
+        generator.complete(PROMPTS[1:2], settings)
+        ids = prompt_ids + generated[-1]
+        trigrams = [tuple(ids[index:index + 3]) for index in range(len(ids) - 2)]
+        return len(trigrams) - len(set(trigrams))
+
+    assert repeated_trigrams(GenerationSettings(max_new_tokens=24)) > 0  # it loops, as small models do greedily
+    assert repeated_trigrams(GenerationSettings(max_new_tokens=24, no_repeat_ngram=3)) == 0
+
+
 def test_the_cache_key_names_the_penalty_only_when_it_is_on():
     assert "repetition_penalty" not in GenerationSettings().as_key()  # keys of older caches stay valid
     assert GenerationSettings(repetition_penalty=1.2).as_key()["repetition_penalty"] == 1.2
+    assert "no_repeat_ngram" not in GenerationSettings().as_key()
+    assert GenerationSettings(no_repeat_ngram=12).as_key()["no_repeat_ngram"] == 12
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from checkpoint import checkpoint_dirs
+import training_log
+from checkpoint import CheckpointError, checkpoint_dirs
 from loss import count_supervised, supervised_loss_sum
 from conftest import build_tiny_model, make_tiny_tokenizer
 from data.dataset import collate, encode_example
@@ -126,7 +128,7 @@ def test_run_writes_adapter_metrics_plot_and_summary(tiny_setup, tmp_path):
     assert len(list(out.glob("checkpoint-*"))) == 1, "older checkpoints are removed"
     model = build_tiny_model("gemma3")
     load_adapter(model, out)  # the result loads as an adapter
-    assert train.summary_line(summary).startswith("done: trainable params")
+    assert training_log.summary_line(summary).startswith("done: trainable params")
 
 
 def test_killed_run_resumes_bit_for_bit(tiny_setup, tmp_path):
@@ -149,15 +151,17 @@ def test_killed_run_resumes_bit_for_bit(tiny_setup, tmp_path):
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4, 5, 6]
 
 
+def interrupt_at(stop: int):
+    def interrupt(step: int) -> None:
+        if step == stop:
+            raise KeyboardInterrupt
+    return interrupt
+
+
 def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tiny_setup, tmp_path):
     train.run(tiny_config(tiny_setup, tmp_path / "straight"))
-
-    def interrupt(step):
-        if step == 3:
-            raise KeyboardInterrupt
-
     with pytest.raises(train.TrainError, match="checkpoint at step 3"):
-        train.run(tiny_config(tiny_setup, tmp_path / "interrupted"), after_step=interrupt)
+        train.run(tiny_config(tiny_setup, tmp_path / "interrupted"), after_step=interrupt_at(3))
     train.run(tiny_config(tiny_setup, tmp_path / "interrupted"))
     assert_same_adapter(tmp_path / "straight", tmp_path / "interrupted")
 
@@ -165,19 +169,53 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tiny_setup, tmp_path):
 def test_resume_with_a_changed_config_is_refused_unless_overwrite(tiny_setup, tmp_path):
     out = tmp_path / "run"
     train.run(tiny_config(tiny_setup, out, max_steps=2))
-    with pytest.raises(train.TrainError, match="lr=0.01, now lr=0.02"):
+    with pytest.raises(CheckpointError, match="lr=0.01, now lr=0.02"):
         train.run(tiny_config(tiny_setup, out, max_steps=2, lr=2e-2))
     summary = train.run(tiny_config(tiny_setup, out, max_steps=2, lr=2e-2, overwrite=True))
     assert summary["steps"] == 2
 
 
-def test_half_written_checkpoint_is_never_loaded(tiny_setup, tmp_path):
+def test_a_half_written_checkpoint_is_ignored_on_resume(tiny_setup, tmp_path):
+    train.run(tiny_config(tiny_setup, tmp_path / "straight"))
     out = tmp_path / "run"
-    train.run(tiny_config(tiny_setup, out, max_steps=2))
+    with pytest.raises(train.TrainError):
+        train.run(tiny_config(tiny_setup, out), after_step=interrupt_at(2))
     # A crash while writing leaves only a temporary folder, which resuming ignores.
     (out / ".checkpoint-abc123").mkdir()
     (out / ".checkpoint-abc123" / "state.json").write_text("{trunc")
     assert checkpoint_dirs(out) == [out / "checkpoint-000002"]
+    train.run(tiny_config(tiny_setup, out))
+    assert_same_adapter(tmp_path / "straight", out)
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda checkpoint: (checkpoint / "state.json").unlink(), "No such file"),
+    (lambda checkpoint: (checkpoint / "state.json").write_text('{"step": 2, "conf'), "Unterminated string"),
+    (lambda checkpoint: (checkpoint / "trainer_state.safetensors").write_bytes(
+        (checkpoint / "trainer_state.safetensors").read_bytes()[:100]), "Error"),
+])
+def test_a_damaged_checkpoint_is_named_in_one_line_and_nothing_is_lost(tiny_setup, tmp_path, damage, reason):
+    out = tmp_path / "run"
+    with pytest.raises(train.TrainError):
+        train.run(tiny_config(tiny_setup, out), after_step=interrupt_at(2))
+    checkpoint = out / "checkpoint-000002"
+    damage(checkpoint)
+    files = sorted(path.name for path in checkpoint.iterdir())
+    with pytest.raises(CheckpointError, match=rf"checkpoint {checkpoint} is damaged \(.*{reason}.*\); delete it"):
+        train.run(tiny_config(tiny_setup, out))
+    assert sorted(path.name for path in checkpoint.iterdir()) == files
+
+
+def test_an_adapter_without_a_checkpoint_is_not_overwritten_without_overwrite(tiny_setup, tmp_path):
+    out = tmp_path / "run"
+    train.run(tiny_config(tiny_setup, out, max_steps=2))
+    for checkpoint in checkpoint_dirs(out):  # as when an adapter folder is copied without its checkpoint
+        shutil.rmtree(checkpoint)
+    adapter = (out / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(CheckpointError, match="holds an adapter but no checkpoint"):
+        train.run(tiny_config(tiny_setup, out, max_steps=2))
+    assert (out / "adapter_model.safetensors").read_bytes() == adapter and (out / "metrics.jsonl").exists()
+    assert train.run(tiny_config(tiny_setup, out, max_steps=2, overwrite=True))["steps"] == 2
 
 
 def run_cli(capsys, *args) -> tuple[int, str]:

@@ -1,0 +1,83 @@
+"""The Gemma chat format: the turn markers, the prompt a user turn makes, and the code in an answer.
+
+    <start_of_turn>user\n{instruction}<end_of_turn>\n<start_of_turn>model\n{answer}<end_of_turn>
+
+Training (data/dataset.py), generation and evaluation all speak it through this module.
+"""
+
+from __future__ import annotations
+
+import re
+
+END_OF_TURN = "<end_of_turn>"
+START_OF_TURN = "<start_of_turn>"
+TURN_MARKERS = (START_OF_TURN, END_OF_TURN)
+# Besides EOS, these end an answer: the end of its turn, or the start of a turn the model invents.
+STOP_MARKERS = (END_OF_TURN, START_OF_TURN)
+
+
+def user_turn(instruction: str, input: str = "") -> str:
+    """The prompt up to where the model answers; also the generation prompt (the tokenizer adds BOS)."""
+    request = f"{instruction}\n{input}" if input else instruction
+    return f"{START_OF_TURN}user\n{request}{END_OF_TURN}\n{START_OF_TURN}model\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Code extraction
+
+
+FENCED_BLOCK = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
+PYTHON_FENCES = {"", "python", "python3", "py"}
+# An invented next turn: Gemma's marker, or the bare role line left when markers are stripped.
+STRAY_TURN = re.compile(rf"{re.escape(START_OF_TURN)}|{re.escape(END_OF_TURN)}|<eos>|^(?:user|model)[ \t]*$",
+                        re.MULTILINE)
+PYTHON_KEYWORDS = {
+    "and", "as", "assert", "async", "await", "break", "class", "continue", "def", "del", "elif", "else",
+    "except", "finally", "for", "from", "global", "if", "import", "in", "is", "lambda", "nonlocal", "not",
+    "or", "pass", "raise", "return", "try", "while", "with", "yield", "print",
+}
+# An unindented line of English: "Here is the code:", "This function uses recursion.", "Output:".
+SENTENCE = re.compile(r"^[A-Za-z][A-Za-z']*[,:!.]?[ \t]+[A-Za-z]|^[A-Z][\w' ]*:[ \t]*$|^(?:[-*][ \t]|\d+\.[ \t])")
+
+
+def extract_code(response: str, entry_point: str | None = None) -> str:
+    """The Python code in a model's answer (new tokens only), or "" when there is none.
+
+    `entry_point`, when known, picks the fenced block that defines that function.
+    """
+    answer = STRAY_TURN.split(response, maxsplit=1)[0]
+    blocks = FENCED_BLOCK.findall(answer)
+    if blocks:
+        return _choose_block(blocks, entry_point).strip("\n").rstrip()
+    return _without_prose(answer)
+
+
+def _choose_block(blocks: list[tuple[str, str]], entry_point: str | None) -> str:
+    python_blocks = [code for language, code in blocks if language.lower() in PYTHON_FENCES] or [
+        code for _, code in blocks
+    ]
+    if entry_point:
+        defining = re.compile(rf"^\s*(?:async\s+)?def\s+{re.escape(entry_point)}\s*\(", re.MULTILINE)
+        for code in python_blocks:
+            if defining.search(code):
+                return code
+    return python_blocks[0]
+
+
+def _without_prose(answer: str) -> str:
+    """Drop English before the code, and everything from the first English line after it."""
+    lines = answer.splitlines()
+    start = 0
+    while start < len(lines) and (not lines[start].strip() or _is_prose(lines[start])):
+        start += 1
+    end = start
+    while end < len(lines) and not _is_prose(lines[end]):
+        end += 1
+    return "\n".join(lines[start:end]).strip("\n").rstrip()
+
+
+def _is_prose(line: str) -> bool:
+    if not line or line[0].isspace() or not SENTENCE.match(line):
+        return False
+    first_word = re.match(r"[A-Za-z_]\w*", line)
+    return not (first_word and first_word.group() in PYTHON_KEYWORDS)

@@ -1,0 +1,86 @@
+"""A training run's record: metrics.jsonl (one line per step and per held-out evaluation), the loss
+plot, peak memory, and the summary printed and saved at the end."""
+
+from __future__ import annotations
+
+import json
+import resource
+from pathlib import Path
+
+import torch
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the lines a killed run wrote after its last checkpoint; they will be written again."""
+    kept = [entry for entry in read_metrics(path) if entry["step"] <= step]
+    path.write_text("".join(json.dumps(entry) + "\n" for entry in kept))
+
+
+def record(path: Path, history: list[dict], entry: dict) -> None:
+    history.append(entry)
+    with path.open("a") as handle:
+        handle.write(json.dumps(entry) + "\n")
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def plot_losses(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(e["step"], e["loss"]) for e in history if "loss" in e]
+    held = [(e["step"], e["held_out_loss"]) for e in history if "held_out_loss" in e]
+    figure, axes = plt.subplots(figsize=(7, 4))
+    if train:
+        axes.plot(*zip(*train), label="train (per step)", alpha=0.6)
+    if held:
+        axes.plot(*zip(*held), "o-", label="held-out")
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("loss per supervised token")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def summarize(model: torch.nn.Module, history: list[dict], wall_s: float, peak_bytes: int, dropped: int,
+              settings: dict) -> dict:
+    """The run in one record; `settings` (epochs, length cap, QLoRA) are copied into it."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    steps = [e for e in history if "loss" in e]
+    held = [e["held_out_loss"] for e in history if "held_out_loss" in e]
+    held_end = [e["held_out_end_loss"] for e in history if "held_out_end_loss" in e]
+    tokens = sum(e["tokens"] for e in steps)
+    seconds = sum(e["seconds"] for e in steps)
+    return {
+        "trainable_params": trainable, "wall_s": round(wall_s, 1), "peak_memory_gb": round(peak_bytes / 1e9, 2),
+        "steps": len(steps), "final_train_loss": steps[-1]["loss"] if steps else None,
+        "held_out_loss_before": held[0] if held else None, "held_out_loss_after": held[-1] if held else None,
+        "held_out_end_loss_before": held_end[0] if held_end else None,
+        "held_out_end_loss_after": held_end[-1] if held_end else None,
+        "tokens_per_s": round(tokens / seconds, 1) if seconds else None, "rows_dropped_too_long": dropped,
+        **settings,
+    }
+
+
+def summary_line(summary: dict) -> str:
+    minutes, seconds = divmod(int(summary["wall_s"]), 60)
+    before, after = summary["held_out_loss_before"], summary["held_out_loss_after"]
+    return (f"done: trainable params {summary['trainable_params']:,} | wall {minutes}m{seconds:02d}s | "
+            f"peak memory {summary['peak_memory_gb']:.1f} GB | {summary['tokens_per_s']} tokens/s | "
+            f"train loss {summary['final_train_loss']:.4f} | held-out loss {before:.4f} -> {after:.4f} | "
+            f"held-out <end_of_turn> loss {summary['held_out_end_loss_before']:.4f} -> "
+            f"{summary['held_out_end_loss_after']:.4f}")
