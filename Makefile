@@ -40,7 +40,8 @@ qlora: venv
 	$(PYTHON) train.py --qlora $(TRAIN_FLAGS)
 
 # Base model and every adapter under outputs/: syntax, BLEU, HumanEval pass@1 (sandboxed), with
-# 95% intervals -> outputs/model_comparison.csv / .md, outputs/rank_comparison.png. LIMIT=N for a quick look.
+# 95% intervals -> outputs/model_comparison.csv / .md, outputs/rank_comparison.png. LIMIT=N for a quick look
+# (written to model_comparison_limitN.* beside them).
 eval: venv
 	$(PYTHON) evaluate.py --model $(MODEL) --dataset $(DATASET) $(if $(LIMIT),--limit $(LIMIT))
 

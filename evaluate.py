@@ -266,7 +266,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-base", action="store_true", help="evaluate only the adapters")
     parser.add_argument("--dataset", default="default",
                         help="training data whose held-out split is scored (default: the embedded corpus)")
-    parser.add_argument("--limit", type=COUNT, help="only the first N held-out rows and N HumanEval problems")
+    parser.add_argument("--limit", type=COUNT, help="only the first N held-out rows and N HumanEval problems; results "
+                        "go to model_comparison_limitN.* beside a full run's")
     parser.add_argument("--outputs", default=str(OUTPUTS),
                         help="where adapters are found and results and the cache go (default: %(default)s)")
     parser.add_argument("--max-new-tokens", type=COUNT, default=GenerationSettings.max_new_tokens,
@@ -294,7 +295,9 @@ def evaluate_models(args: argparse.Namespace, limits: Limits) -> None:
     too_long = references_over(tasks, models.load_tokenizer(args.model), settings.max_new_tokens)
     print(f"{too_long} of {len(tasks.heldout)} held-out references are longer than {settings.max_new_tokens} tokens "
           "(an answer of their length cannot end its turn within the limit)", file=sys.stderr)
-    details = outputs / "eval_samples"
+    # A run with --limit is a quick look: its results go beside a full run's, never over them.
+    suffix = f"_limit{args.limit}" if args.limit else ""
+    details = outputs / f"eval_samples{suffix}"
     reports = [score("reference", "", tasks, reference_answers(tasks), limits, args.workers, details)]
     for spec in specs:
         started = time.perf_counter()
@@ -309,11 +312,12 @@ def evaluate_models(args: argparse.Namespace, limits: Limits) -> None:
               f"({generator.stats.tokens_per_second:.1f} tokens/s)", file=sys.stderr)
     table = markdown_table(reports)
     print(table, end="")
-    (outputs / "model_comparison.md").write_text(table, encoding="utf-8")
-    write_csv(outputs / "model_comparison.csv", reports)
-    plot(outputs / "rank_comparison.png", reports)
-    print(f"wrote {outputs / 'model_comparison.csv'}, {outputs / 'model_comparison.md'}, "
-          f"{outputs / 'rank_comparison.png'}", file=sys.stderr)
+    csv_path, table_path = outputs / f"model_comparison{suffix}.csv", outputs / f"model_comparison{suffix}.md"
+    plot_path = outputs / f"rank_comparison{suffix}.png"
+    table_path.write_text(table, encoding="utf-8")
+    write_csv(csv_path, reports)
+    plot(plot_path, reports)
+    print(f"wrote {csv_path}, {table_path}, {plot_path}", file=sys.stderr)
 
 
 def model_specs(model: str, outputs: Path, adapters: Sequence[str] | None, skip_base: bool) -> list[ModelSpec]:

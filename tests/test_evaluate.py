@@ -142,12 +142,14 @@ def read_csv(path) -> list[dict]:
 def test_a_tiny_model_end_to_end_and_the_rerun_comes_from_the_cache(tiny_setup, tmp_path, capsys, monkeypatch):
     outputs = tmp_path / "outputs"
     argv = tiny_setup + ["--limit", "2", "--max-new-tokens", "8"]
+    (outputs / "model_comparison.md").write_text("a full run's table\n")
     assert evaluate.main(argv) == 0
     table = capsys.readouterr().out
     assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == ["reference", "base", "lora_r2"]
-    assert (outputs / "model_comparison.md").read_text() == table
-    assert (outputs / "rank_comparison.png").stat().st_size > 0
-    rows = read_csv(outputs / "model_comparison.csv")
+    assert (outputs / "model_comparison_limit2.md").read_text() == table
+    assert (outputs / "model_comparison.md").read_text() == "a full run's table\n"  # a quick look goes beside it
+    assert (outputs / "rank_comparison_limit2.png").stat().st_size > 0
+    rows = read_csv(outputs / "model_comparison_limit2.csv")
     assert list(rows[0])[:4] == ["model", "syntax_accuracy", "bleu_score", "bleu_std"]
     assert "syntax" not in rows[0] and "syntax_accuracy_ci_low" in rows[0]  # one column per value
     reference = rows[0]
@@ -164,7 +166,7 @@ def test_a_tiny_model_end_to_end_and_the_rerun_comes_from_the_cache(tiny_setup, 
 
     monkeypatch.setattr(cached_generation.Generator, "load", no_model)
     assert evaluate.main(argv) == 0
-    rerun = read_csv(outputs / "model_comparison.csv")
+    rerun = read_csv(outputs / "model_comparison_limit2.csv")
     scores = [column for column in rows[0] if column not in {"generated_tokens", "generation_s", "tokens_per_s"}]
     assert [[row[column] for column in scores] for row in rerun] == [[row[column] for column in scores] for row in rows]
     assert rerun[1]["generated_tokens"] == "0"
