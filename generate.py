@@ -87,7 +87,6 @@ class Generator:
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.pad_id = tokenizer.pad_token_id
-        self._stop_strings: dict[tuple[str, ...], StopStringCriteria] = {}
         self.stop_ids = [tokenizer.eos_token_id]
         for marker in STOP_MARKERS:
             token_id = tokenizer.convert_tokens_to_ids(marker)
@@ -115,13 +114,11 @@ class Generator:
                  refill: bool = True) -> list[Completion]:
         """Complete every prompt, `batch_size` at a time, longest prompt first (less padding per batch).
 
-        Finished answers' slots are refilled: once half the batch has finished while prompts are
-        waiting, and the rest still run after as many steps again (by then they are likely looping to
-        the limit), generation pauses; the unfinished answers go on in the next batch beside new
-        prompts, from their prompt and the tokens they have so far. Going on costs them a second
-        prefill, hence the wait. Without it a batch ran as long as its longest answer: one answer
-        looping to the limit kept fifteen finished slots idle (`refill=False` still works that way,
-        for comparison: `python -m bench.generation`).
+        A finished answer's slot is refilled: once half the batch has finished while prompts are
+        waiting, generation pauses; the unfinished answers go on in the next batch beside new prompts,
+        from their prompt and the tokens they have so far. Without it a batch ran as long as its
+        longest answer: one answer looping to the limit kept fifteen finished slots idle (`refill=False`
+        still works that way, for comparison: `python -m bench.generation`).
         `stop_strings` end a completion early (and are cut off); `on_batch(indices, completions)` is
         called with the answers that finished in each batch, e.g. to save progress.
         """
@@ -153,12 +150,12 @@ class Generator:
     @torch.inference_mode()
     def _extend(self, answers: list[_Answer], settings: GenerationSettings, stop_strings: Sequence[str],
                 pause_after: int | None, streamer: TextStreamer | None = None) -> None:
-        """Generate for `answers` together until all have finished, or `pause_after` of them have and
-        the batch has run twice as many steps as that took (and at least MIN_STEPS_BEFORE_PAUSE)."""
+        """Generate for `answers` together until all have finished, or `pause_after` of them have."""
         inputs = self.tokenizer.pad({"input_ids": [answer.ids for answer in answers]}, return_tensors="pt")
         width = inputs["input_ids"].shape[1]
         budgets = [settings.max_new_tokens - len(answer.generated) for answer in answers]
-        tracker = _FinishTracker(width, budgets, self.stop_ids, pause_after, self._stop_string_criteria(stop_strings))
+        tracker = _FinishTracker(width, budgets, self.stop_ids, pause_after,
+                                 StopStringCriteria(self.tokenizer, stop_strings) if stop_strings else None)
         if settings.temperature > 0:
             torch.manual_seed(settings.seed)
         output = self.model.generate(
@@ -169,15 +166,6 @@ class Generator:
             # A finished row is padded after its end (to_completion cuts there); a paused one is all tokens.
             answer.ids.extend(row)
             answer.finished = finished
-
-    def _stop_string_criteria(self, stop_strings: Sequence[str]) -> StopStringCriteria | None:
-        """Built once per set of strings: building reads the whole vocabulary (262k tokens for Gemma)."""
-        if not stop_strings:
-            return None
-        key = tuple(stop_strings)
-        if key not in self._stop_strings:
-            self._stop_strings[key] = StopStringCriteria(self.tokenizer, list(key))
-        return self._stop_strings[key]
 
     def _generation_config(self, settings: GenerationSettings, max_new_tokens: int) -> GenerationConfig:
         sampling = settings.temperature > 0
@@ -202,11 +190,6 @@ class Generator:
         return Completion(text, generated)
 
 
-# A paused answer is prefilled again (here ~14 decode steps' worth for 8 rows of 400 tokens): pausing
-# sooner than this would cost more than the freed slots gain.
-MIN_STEPS_BEFORE_PAUSE = 16
-
-
 class _Answer:
     """One prompt's answer in progress: its token ids (prompt, then what it generated so far)."""
 
@@ -221,8 +204,7 @@ class _Answer:
 
 class _FinishTracker(StoppingCriteria):
     """Marks each row finished at a stop token, a stop string or its own token budget; once
-    `pause_after` rows have finished and as many steps again have passed, it stops the whole batch,
-    leaving the others unfinished."""
+    `pause_after` rows have finished it stops the whole batch, leaving the others unfinished."""
 
     def __init__(self, prompt_width: int, budgets: list[int], stop_ids: list[int], pause_after: int | None,
                  stop_strings: StopStringCriteria | None):
@@ -230,7 +212,6 @@ class _FinishTracker(StoppingCriteria):
         self.budgets = torch.tensor(budgets)
         self.stop_strings = stop_strings
         self.finished = torch.zeros(len(budgets), dtype=torch.bool)
-        self.pause_at: int | None = None  # the step at which the batch pauses, once known
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         last = input_ids[:, -1].cpu()
@@ -238,10 +219,7 @@ class _FinishTracker(StoppingCriteria):
         if self.stop_strings is not None:
             ended |= self.stop_strings(input_ids, scores).cpu()
         self.finished |= ended  # a finished row is padded from now on: its mark must stay
-        step = input_ids.shape[1] - self.prompt_width
-        if self.pause_at is None and self.pause_after is not None and int(self.finished.sum()) >= self.pause_after:
-            self.pause_at = max(2 * step, MIN_STEPS_BEFORE_PAUSE)
-        if self.pause_at is not None and step >= self.pause_at:
+        if self.pause_after is not None and int(self.finished.sum()) >= self.pause_after:
             return torch.ones_like(self.finished, device=input_ids.device)
         return self.finished.to(input_ids.device)
 
