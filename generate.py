@@ -111,14 +111,13 @@ class Generator:
 
     def complete(self, prompts: Sequence[str], settings: GenerationSettings, batch_size: int = 16,
                  stop_strings: Sequence[str] = (), on_batch: Callable[[list[int], list[Completion]], None] | None = None,
-                 refill: bool = True) -> list[Completion]:
+                 ) -> list[Completion]:
         """Complete every prompt, `batch_size` at a time, longest prompt first (less padding per batch).
 
         A finished answer's slot is refilled: once half the batch has finished while prompts are
         waiting, generation pauses; the unfinished answers go on in the next batch beside new prompts,
         from their prompt and the tokens they have so far. Without it a batch ran as long as its
-        longest answer: one answer looping to the limit kept fifteen finished slots idle (`refill=False`
-        still works that way, for comparison: `python -m bench.generation`).
+        longest answer: one answer looping to the limit kept fifteen finished slots idle.
         `stop_strings` end a completion early (and are cut off); `on_batch(indices, completions)` is
         called with the answers that finished in each batch, e.g. to save progress.
         """
@@ -129,7 +128,7 @@ class Generator:
         while waiting or running:
             while waiting and len(running) < batch_size:
                 running.append(waiting.popleft())
-            pause_after = max(1, len(running) // 2) if waiting and refill else None
+            pause_after = max(1, len(running) // 2) if waiting else None
             self._extend(running, settings, stop_strings, pause_after)
             finished = [answer for answer in running if answer.finished]
             running = [answer for answer in running if not answer.finished]

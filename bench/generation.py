@@ -1,11 +1,8 @@
-"""Greedy generation: our batched generate.Generator, whose finished slots take the next prompt,
-against the same batches without that refill and against Hugging Face `generate` called one prompt
-at a time (how the study generated: 9.3 s per sample on an A100), on the same model (and adapter)
-and held-out prompts, with the same stop tokens and new-token limit.
+"""Greedy generation: our batched generate.Generator against Hugging Face `generate` called one
+prompt at a time (how the study generated: 9.3 s per sample on an A100), on the same model and
+held-out prompts, with the same stop tokens and new-token limit.
 
     python -m bench.generation --settings '{"model": "embedded", ...}' --prompts 16 --result out.json
-    python -m bench.generation --settings '{"model": "embedded"}' --adapter outputs/lora_r16 \
-        --prompts 48 --max-new-tokens 512 --no-single --result out.json   # refill vs static batches
 """
 
 from __future__ import annotations
@@ -54,25 +51,21 @@ def one_at_a_time(generator: Generator, prompts: list[str], max_new_tokens: int)
     return completions
 
 
-def measure_generation(settings: BenchSettings, prompt_count: int, max_new_tokens: int, batch_size: int,
-                       adapter: str | None = None, single: bool = True) -> dict:
-    """Seconds, new tokens and completions identical to the refilled ones, for each way of generating."""
-    generator = Generator.load(settings.model, adapter, device=settings.device)
+def measure_generation(settings: BenchSettings, prompt_count: int, max_new_tokens: int, batch_size: int) -> dict:
+    generator = Generator.load(settings.model, device=settings.device)
     device = generator.model.device
     prompts = held_out_prompts(settings.dataset, prompt_count)
     generation = GenerationSettings(max_new_tokens=max_new_tokens)
     generator.complete(prompts[:1], GenerationSettings(max_new_tokens=2))  # first-call set-up, untimed
-    ways = {"batched": lambda: generator.complete(prompts, generation, batch_size),
-            "static": lambda: generator.complete(prompts, generation, batch_size, refill=False)}
-    if single:  # read as the batched ones are
-        ways["single"] = lambda: [generator.to_completion(ids) for ids in one_at_a_time(generator, prompts, max_new_tokens)]
-    result = {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "batch_size": batch_size, "adapter": adapter}
-    completions = {}
-    for way, work in ways.items():
-        completions[way], result[f"{way}_seconds"] = timed(device, work)
-        result[f"{way}_new_tokens"] = sum(completion.new_tokens for completion in completions[way])
-        result[f"{way}_identical"] = sum(a.text == b.text for a, b in zip(completions[way], completions["batched"]))
-    return result
+    batched, batched_seconds = timed(device, lambda: generator.complete(prompts, generation, batch_size))
+    single_ids, single_seconds = timed(device, lambda: one_at_a_time(generator, prompts, max_new_tokens))
+    single = [generator.to_completion(ids) for ids in single_ids]  # read as the batched ones are
+    return {
+        "prompts": len(prompts), "max_new_tokens": max_new_tokens, "batch_size": batch_size,
+        "batched_seconds": batched_seconds, "batched_new_tokens": sum(c.new_tokens for c in batched),
+        "single_seconds": single_seconds, "single_new_tokens": sum(c.new_tokens for c in single),
+        "identical_completions": sum(b.text == s.text for b, s in zip(batched, single)),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -81,13 +74,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompts", type=int, default=16, help="held-out prompts to complete")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--adapter", help="adapter folder to generate with (default: the base model alone)")
-    parser.add_argument("--no-single", action="store_true", help="skip the slow one-prompt-at-a-time row")
     parser.add_argument("--result", required=True, help="JSON file to write the measurements to")
     args = parser.parse_args(argv)
     settings = BenchSettings(**json.loads(args.settings))
-    result = measure_generation(settings, args.prompts, args.max_new_tokens, args.batch_size, args.adapter,
-                                not args.no_single)
+    result = measure_generation(settings, args.prompts, args.max_new_tokens, args.batch_size)
     Path(args.result).write_text(json.dumps(result))
 
 

@@ -11,7 +11,7 @@ from transformers import Gemma3TextConfig
 
 from bench.__main__ import merged_report
 from bench.measure import useful_step_flops
-from bench.report import Summary, generation_summary, generation_table, target_lines, training_table
+from bench.report import Summary, target_lines, training_table
 from bench.training import VARIANTS, BenchSettings, measure_variant
 from conftest import build_tiny_model, make_tiny_tokenizer
 
@@ -76,15 +76,3 @@ def test_a_run_replaces_its_own_section_and_keeps_the_other_device_s():
     report = merged_report(report, "GPU", "## GPU figures\nnew\n")
     assert "cpu" in report and "new" in report and "old" not in report
     assert report.index("## CPU figures") < report.index("## GPU figures") < report.index("## How to read this")
-
-
-def test_the_generation_report_shows_the_ways_measured_and_their_time_against_ours():
-    result = {"prompts": 4, "max_new_tokens": 512, "batch_size": 16, "adapter": "outputs/lora_r16",
-              "batched_seconds": 10.0, "batched_new_tokens": 400, "batched_identical": 4,
-              "static_seconds": 25.0, "static_new_tokens": 400, "static_identical": 3}
-    table = generation_table(result)
-    assert "batches of 16 whose finished slots are refilled | 400 | 10.0 | 40.0 | 2.50 | 4/4 |" in table
-    assert "without refill" in table and "| 3/4 |" in table and "one prompt at a time" not in table
-    assert "the adapter outputs/lora_r16" in generation_summary(result)
-    assert "without refill: 2.50x our time" in generation_summary(result)
-

@@ -58,9 +58,6 @@ def test_finished_slots_are_refilled_and_every_answer_matches_one_at_a_time(gene
     assert batched == alone
     assert any(set(batch) == {"resumed", "new"} for batch in batches)  # a freed slot took a new prompt
     assert sorted(finished) == list(range(len(prompts)))  # each answer reported once, when it finished
-    batches.clear()
-    assert generator.complete(prompts, settings, batch_size=3, refill=False) == alone
-    assert all(set(batch) == {"new"} for batch in batches)  # static batches: each runs to its longest answer
 
 
 def test_logits_are_computed_for_the_last_position_only_from_a_contiguous_input(generator):
