@@ -16,14 +16,12 @@ import argparse
 import json
 import sys
 import time
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import (GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria,
-                          StoppingCriteriaList, StopStringCriteria, TextStreamer)
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
 
 import models
 from chat_format import STOP_MARKERS, extract_code, user_turn
@@ -112,68 +110,49 @@ class Generator:
     def complete(self, prompts: Sequence[str], settings: GenerationSettings, batch_size: int = 16,
                  stop_strings: Sequence[str] = (), on_batch: Callable[[list[int], list[Completion]], None] | None = None,
                  ) -> list[Completion]:
-        """Complete every prompt, `batch_size` at a time, longest prompt first (less padding per batch).
+        """Complete every prompt, `batch_size` at a time, longest first (less padding per batch).
 
-        A finished answer's slot is refilled: once half the batch has finished while prompts are
-        waiting, generation pauses; the unfinished answers go on in the next batch beside new prompts,
-        from their prompt and the tokens they have so far. Without it a batch ran as long as its
-        longest answer: one answer looping to the limit kept fifteen finished slots idle.
-        `stop_strings` end a completion early (and are cut off); `on_batch(indices, completions)` is
-        called with the answers that finished in each batch, e.g. to save progress.
+        `stop_strings` end a completion early (and are cut off); `on_batch(indices, completions)`
+        is called after each batch, e.g. to save progress.
         """
-        encoded = self.tokenizer(list(prompts)).input_ids
-        waiting = deque(sorted((_Answer(index, ids) for index, ids in enumerate(encoded)), key=lambda a: -len(a.ids)))
-        running: list[_Answer] = []
+        lengths = [len(ids) for ids in self.tokenizer(list(prompts)).input_ids]
+        order = sorted(range(len(prompts)), key=lambda index: -lengths[index])
         completions: list[Completion | None] = [None] * len(prompts)
-        while waiting or running:
-            while waiting and len(running) < batch_size:
-                running.append(waiting.popleft())
-            pause_after = max(1, len(running) // 2) if waiting else None
-            self._extend(running, settings, stop_strings, pause_after)
-            finished = [answer for answer in running if answer.finished]
-            running = [answer for answer in running if not answer.finished]
-            results = [self.to_completion(answer.generated, stop_strings) for answer in finished]
-            for answer, result in zip(finished, results):
-                completions[answer.index] = result
-            if on_batch and finished:
-                on_batch([answer.index for answer in finished], results)
+        for batch in _chunks(order, batch_size):
+            results = self._generate([prompts[index] for index in batch], settings, stop_strings)
+            for index, result in zip(batch, results):
+                completions[index] = result
+            if on_batch:
+                on_batch(batch, results)
         return completions  # type: ignore[return-value]
 
     def stream(self, prompt: str, settings: GenerationSettings) -> Completion:
         """Complete one prompt, printing its text to stdout as it is generated."""
-        answer = _Answer(0, self.tokenizer(prompt).input_ids)
         streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self._extend([answer], settings, (), None, streamer)
-        return self.to_completion(answer.generated)
+        return self._generate([prompt], settings, (), streamer)[0]
 
     @torch.inference_mode()
-    def _extend(self, answers: list[_Answer], settings: GenerationSettings, stop_strings: Sequence[str],
-                pause_after: int | None, streamer: TextStreamer | None = None) -> None:
-        """Generate for `answers` together until all have finished, or `pause_after` of them have."""
-        inputs = self.tokenizer.pad({"input_ids": [answer.ids for answer in answers]}, return_tensors="pt")
-        width = inputs["input_ids"].shape[1]
-        budgets = [settings.max_new_tokens - len(answer.generated) for answer in answers]
-        tracker = _FinishTracker(width, budgets, self.stop_ids, pause_after,
-                                 StopStringCriteria(self.tokenizer, stop_strings) if stop_strings else None)
+    def _generate(self, prompts: list[str], settings: GenerationSettings, stop_strings: Sequence[str],
+                  streamer: TextStreamer | None = None) -> list[Completion]:
+        inputs = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.model.device)
         if settings.temperature > 0:
             torch.manual_seed(settings.seed)
         output = self.model.generate(
-            **inputs.to(self.model.device), generation_config=self._generation_config(settings, max(budgets)),
-            stopping_criteria=StoppingCriteriaList([tracker]), streamer=streamer,
+            **inputs, generation_config=self._generation_config(settings, stop_strings),
+            tokenizer=self.tokenizer if stop_strings else None, streamer=streamer,
         )
-        for answer, row, finished in zip(answers, output[:, width:].tolist(), tracker.finished.tolist()):
-            # A finished row is padded after its end (to_completion cuts there); a paused one is all tokens.
-            answer.ids.extend(row)
-            answer.finished = finished
+        new_tokens = output[:, inputs["input_ids"].shape[1]:]
+        return [self.to_completion(row.tolist(), stop_strings) for row in new_tokens]
 
-    def _generation_config(self, settings: GenerationSettings, max_new_tokens: int) -> GenerationConfig:
+    def _generation_config(self, settings: GenerationSettings, stop_strings: Sequence[str]) -> GenerationConfig:
         sampling = settings.temperature > 0
         return GenerationConfig(
-            max_new_tokens=max_new_tokens, do_sample=sampling,
+            max_new_tokens=settings.max_new_tokens, do_sample=sampling,
             temperature=settings.temperature if sampling else None, top_p=settings.top_p if sampling else None,
             repetition_penalty=settings.repetition_penalty,  # HF adds no processor for 1.0
             no_repeat_ngram_size=settings.no_repeat_ngram,  # nor for 0
             top_k=None, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
+            stop_strings=list(stop_strings) or None,
         )
 
     def to_completion(self, ids: list[int], stop_strings: Sequence[str] = ()) -> Completion:
@@ -189,42 +168,13 @@ class Generator:
         return Completion(text, generated)
 
 
-class _Answer:
-    """One prompt's answer in progress: its token ids (prompt, then what it generated so far)."""
-
-    def __init__(self, index: int, prompt_ids: list[int]):
-        self.index, self.ids, self.prompt_length = index, list(prompt_ids), len(prompt_ids)
-        self.finished = False
-
-    @property
-    def generated(self) -> list[int]:
-        return self.ids[self.prompt_length:]
-
-
-class _FinishTracker(StoppingCriteria):
-    """Marks each row finished at a stop token, a stop string or its own token budget; once
-    `pause_after` rows have finished it stops the whole batch, leaving the others unfinished."""
-
-    def __init__(self, prompt_width: int, budgets: list[int], stop_ids: list[int], pause_after: int | None,
-                 stop_strings: StopStringCriteria | None):
-        self.prompt_width, self.stop_ids, self.pause_after = prompt_width, stop_ids, pause_after
-        self.budgets = torch.tensor(budgets)
-        self.stop_strings = stop_strings
-        self.finished = torch.zeros(len(budgets), dtype=torch.bool)
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        last = input_ids[:, -1].cpu()
-        ended = torch.isin(last, torch.tensor(self.stop_ids)) | (input_ids.shape[1] - self.prompt_width >= self.budgets)
-        if self.stop_strings is not None:
-            ended |= self.stop_strings(input_ids, scores).cpu()
-        self.finished |= ended  # a finished row is padded from now on: its mark must stay
-        if self.pause_after is not None and int(self.finished.sum()) >= self.pause_after:
-            return torch.ones_like(self.finished, device=input_ids.device)
-        return self.finished.to(input_ids.device)
-
-
 def _contiguous_input(module: torch.nn.Module, args: tuple) -> tuple:
     return (args[0].contiguous(), *args[1:])
+
+
+def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
 
 
 # ---------------------------------------------------------------------------------------------

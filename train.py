@@ -34,8 +34,8 @@ from chat_format import TURN_MARKERS
 from checkpoint import CheckpointError, data_fingerprint, rng_state, save_checkpoint, start_or_resume
 from data.dataset import IGNORE_INDEX, DataError, batch_order, collate, encode_rows, load_rows, split_rows
 from lora import (
-    AdapterError, LoRAConfig, inject_lora, inject_trainable_tokens, parse_target_modules, save_adapter, token_rows,
-    trainable_report,
+    ATTENTION_MODULES, AdapterError, LoRAConfig, inject_lora, inject_trainable_tokens, parse_target_modules,
+    save_adapter, token_rows, trainable_report,
 )
 from lora.adapter import TRAINING_CONFIG_NAME
 from loss import count_supervised, decoder_hidden, loss_sum_at, supervised_loss_sum
@@ -59,10 +59,10 @@ class TrainConfig:
     model: str = models.EMBEDDED_MODEL
     dataset: str = "default"
     out: str = "outputs/lora_r16"
-    rank: int = 16
+    rank: int = LoRAConfig.rank
     alpha: float | None = None  # None: 2 * rank, as in the study's rank sweep
-    dropout: float = 0.05
-    targets: str = "q_proj,k_proj,v_proj,o_proj"
+    dropout: float = LoRAConfig.dropout
+    targets: str = ",".join(ATTENTION_MODULES)
     rslora: bool = False
     trainable_tokens: str = "auto"  # "auto" (the turn markers), "none", or token strings / ids, comma-separated
     token_lr_scale: float = 10.0  # the token rows' learning rate = this x the LoRA one (chosen by measurement: README)
@@ -126,7 +126,7 @@ def prepare_model(config: TrainConfig, device: torch.device, dtype: torch.dtype,
                   token_ids: tuple[int, ...] = ()) -> torch.nn.Module:
     model = models.load_model(config.model, device, dtype, nf4=config.qlora)
     lora = config.lora_config(token_ids)
-    inject_lora(model, lora.target_modules, lora.rank, lora.alpha, lora.dropout, lora.use_rslora)
+    inject_lora(model, lora)
     if token_ids:
         inject_trainable_tokens(model, token_ids)
     return model

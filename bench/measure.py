@@ -12,10 +12,6 @@ import torch
 
 from training_log import peak_memory_bytes
 
-# The LoRA targets every variant trains; the FLOP count below assumes exactly these.
-ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -28,7 +28,7 @@ from transformers import AutoConfig, PreTrainedTokenizerBase
 
 import models
 import train
-from bench.measure import ATTENTION_TARGETS, TrainingMeter, useful_step_flops
+from bench.measure import TrainingMeter, useful_step_flops
 from data.dataset import collate, encode_rows, load_rows, split_rows
 from loss import count_supervised
 
@@ -161,7 +161,7 @@ def run_peft(windows: list[Window], tokenizer: PreTrainedTokenizerBase | None, c
         model = models.load_model(config.model, device, dtype)  # same weights and attention as ours
     lora = config.lora_config()
     model = get_peft_model(model, LoraConfig(
-        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(ATTENTION_TARGETS),
+        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
         bias="none", task_type="CAUSAL_LM"))
     if tokenizer is not None:
         tokenizer.padding_side = "right"  # as our collate pads, so both see the same batches

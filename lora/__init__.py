@@ -1,20 +1,19 @@
 """Hand-written LoRA: the layer, its injection into a model, trainable token rows, and adapter files in
 PEFT's layout."""
 
-from .adapter import AdapterError, LoRAConfig, load_adapter, read_adapter_config, save_adapter
+from .adapter import load_adapter, read_adapter_config, save_adapter
+from .config import ALL_LINEAR, ATTENTION_MODULES, AdapterError, LoRAConfig, parse_target_modules
 from .export import export_merged, merge_into_plain_linears
 from .inject import (
-    ALL_LINEAR, ATTENTION_MODULES, MLP_MODULES, count_parameters, inject_lora, lora_layers,
-    mark_only_lora_as_trainable, merge_all, parse_target_modules, set_adapters_disabled, trainable_report,
-    unmerge_all,
+    count_parameters, inject_lora, lora_layers, mark_only_lora_as_trainable, merge_all, trainable_report, unmerge_all,
 )
 from .layer import LoRALinear
 from .tokens import inject_trainable_tokens, merge_token_rows, output_head, token_rows
 
 __all__ = [
-    "ALL_LINEAR", "ATTENTION_MODULES", "MLP_MODULES", "AdapterError", "LoRAConfig", "LoRALinear",
+    "ALL_LINEAR", "ATTENTION_MODULES", "AdapterError", "LoRAConfig", "LoRALinear",
     "count_parameters", "export_merged", "inject_lora", "inject_trainable_tokens", "load_adapter",
     "lora_layers", "mark_only_lora_as_trainable", "merge_all", "merge_into_plain_linears", "merge_token_rows",
-    "output_head", "parse_target_modules", "read_adapter_config", "save_adapter", "set_adapters_disabled",
+    "output_head", "parse_target_modules", "read_adapter_config", "save_adapter",
     "token_rows", "trainable_report", "unmerge_all",
 ]

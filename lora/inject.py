@@ -2,33 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from torch import nn
 
+from .config import ALL_LINEAR, EXCLUDED_MODULES, LoRAConfig
 from .layer import LoRALinear
 from .tokens import ROWS_NAME
-
-ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
-ALL_LINEAR = "all-linear"
-# Never adapted: the (tied) embedding and the output head are the vocabulary, not the decoder.
-EXCLUDED_MODULES = ("embed_tokens", "lm_head")
-
-
-def parse_target_modules(spec: str | Sequence[str]) -> tuple[str, ...] | str:
-    """`"q_proj,v_proj"` or a list -> a tuple of names; `"all-linear"` stays as it is."""
-    if isinstance(spec, str):
-        if spec.strip() == ALL_LINEAR:
-            return ALL_LINEAR
-        spec = spec.split(",")
-    names = tuple(name.strip() for name in spec if name.strip())
-    if not names:
-        raise ValueError("no target modules given")
-    if any(name in EXCLUDED_MODULES for name in names):
-        raise ValueError(f"LoRA is never applied to {', '.join(EXCLUDED_MODULES)}")
-    return names
-
 
 def find_target_names(model: nn.Module, targets: tuple[str, ...] | str) -> list[str]:
     """Full names of the linear layers to adapt, matched on the last part of the module name."""
@@ -46,23 +24,15 @@ def find_target_names(model: nn.Module, targets: tuple[str, ...] | str) -> list[
     return names
 
 
-def inject_lora(
-    model: nn.Module,
-    targets: tuple[str, ...] | str = ATTENTION_MODULES,
-    rank: int = 16,
-    alpha: float = 32.0,
-    dropout: float = 0.05,
-    use_rslora: bool = False,
-) -> list[str]:
-    """Replace each targeted linear layer by a LoRALinear around it; freeze all but the adapters.
-
-    Returns the names of the adapted modules.
+def inject_lora(model: nn.Module, config: LoRAConfig = LoRAConfig()) -> list[str]:
+    """Replace each linear layer `config` targets by a LoRALinear around it; freeze all but the
+    adapters. Returns the names of the adapted modules. (Token rows: tokens.inject_trainable_tokens.)
     """
-    names = find_target_names(model, targets)
+    names = find_target_names(model, config.target_modules)
     for name in names:
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        layer = LoRALinear(getattr(parent, child_name), rank, alpha, dropout, use_rslora)
+        layer = LoRALinear(getattr(parent, child_name), config.rank, config.alpha, config.dropout, config.use_rslora)
         # A new module starts in training mode; it must follow the model's (dropout off in eval).
         setattr(parent, child_name, layer.train(model.training))
     mark_only_lora_as_trainable(model)
@@ -77,11 +47,6 @@ def mark_only_lora_as_trainable(model: nn.Module) -> None:
     """Adapters (and trainable token rows, if any) train; every base weight is frozen."""
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(".lora_A." in name or ".lora_B." in name or name.endswith(f".{ROWS_NAME}"))
-
-
-def set_adapters_disabled(model: nn.Module, disabled: bool) -> None:
-    for layer in lora_layers(model).values():
-        layer.disabled = disabled
 
 
 def merge_all(model: nn.Module) -> None:

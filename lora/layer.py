@@ -19,7 +19,8 @@ class LoRALinear(nn.Module):
     the output unchanged. A and B are float32 whatever the base's dtype: small low-precision updates
     would round away. The result is returned in the input's dtype.
 
-    `disabled` turns the update off (the base model's behaviour, e.g. for a reference forward).
+    `disabled` turns the update off (the base model's behaviour, e.g. for a reference forward), merged
+    or not: from a merged weight the update is subtracted again.
     `merge()` folds s * B @ A into the base weight so inference costs nothing extra; `unmerge()` takes
     it back out. Both are idempotent.
     """
@@ -49,16 +50,19 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
+        if self.disabled and self.merged:  # the update is inside the base weight: take it out again
+            return (result - self._update(x)).to(x.dtype)
         if self.disabled or self.merged:
             return result
-        input_dtype = x.dtype
-        x = self.dropout(x)
+        return (result + self._update(self.dropout(x))).to(x.dtype)
+
+    def _update(self, x: torch.Tensor) -> torch.Tensor:
+        """s * B(A(x))."""
         if not torch.is_autocast_enabled(x.device.type):
             # Without autocast the update is computed in float32; under it, autocast picks the dtype
             # of the two small matmuls and a cast here would only cost a copy.
             x = x.to(self.lora_A.weight.dtype)
-        update = self.lora_B(self.lora_A(x))
-        return (result + update * self.scaling).to(input_dtype)
+        return self.lora_B(self.lora_A(x)) * self.scaling
 
     def delta_weight(self) -> torch.Tensor:
         """s * B @ A in float32: the change this adapter makes to the base weight."""

@@ -102,11 +102,3 @@ def quantize_decoder_linears(model: nn.Module, compute_dtype: torch.dtype | None
         after += quantized.storage_bytes()
         setattr(parent, child_name, quantized)
     return before, after
-
-
-def dequantize_decoder_linears(model: nn.Module, dtype: torch.dtype | None = None) -> None:
-    """Replace every NF4Linear by a plain nn.Linear with its dequantized weight, in place."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, NF4Linear):
-            parent_name, _, child_name = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child_name, module.to_linear(dtype))

@@ -39,7 +39,7 @@ def kind(request):
 def saved_adapter(kind, tmp_path):
     model = build_tiny_model(kind)
     config = LoRAConfig(rank=4, alpha=8.0, dropout=0.0, use_rslora=False, base_model_name_or_path="tiny")
-    inject_lora(model, config.target_modules, config.rank, config.alpha, config.dropout)
+    inject_lora(model, config)
     trained_like_adapter(model)
     save_adapter(model, tmp_path / "adapter", config)
     return model, tmp_path / "adapter"
@@ -173,7 +173,7 @@ def test_export_merged_reloads_as_a_plain_model(saved_adapter, kind, tmp_path):
 def test_export_of_a_qlora_model_merges_into_dequantized_weights(kind, tmp_path):
     model = build_tiny_model(kind)
     quantize_decoder_linears(model)
-    inject_lora(model, rank=4, alpha=8.0, dropout=0.0)
+    inject_lora(model, LoRAConfig(rank=4, alpha=8.0, dropout=0.0))
     trained_like_adapter(model)
     expected = logits(model)
     export_merged(model, make_tiny_tokenizer(), tmp_path / "merged", torch.float32)

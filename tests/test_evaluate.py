@@ -127,7 +127,7 @@ def tiny_setup(tmp_path):
     model.save_pretrained(model_dir)
     make_tiny_tokenizer().save_pretrained(model_dir)
     config = LoRAConfig(rank=2, alpha=4.0, dropout=0.0, target_modules=("q_proj",))
-    inject_lora(model, config.target_modules, config.rank, config.alpha, config.dropout)
+    inject_lora(model, config)
     save_adapter(model, tmp_path / "outputs" / "lora_r2", config)
     dataset = tmp_path / "rows.jsonl"
     dataset.write_text("".join(json.dumps(corpus_row(index)) + "\n" for index in range(30)))

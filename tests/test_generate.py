@@ -1,4 +1,4 @@
-"""Generation with a tiny random model: batching, refilled slots, stop tokens, sampling, the CLI."""
+"""Generation with a tiny random model: batching, stop tokens, sampling, loop breakers, the CLI."""
 
 from __future__ import annotations
 
@@ -33,31 +33,6 @@ def test_batched_left_padded_generation_matches_one_at_a_time(generator):
     alone = [generator.complete([prompt], settings, batch_size=1)[0] for prompt in PROMPTS]
     assert batched == alone
     assert all(1 <= completion.new_tokens <= 8 for completion in batched)
-
-
-def test_finished_slots_are_refilled_and_every_answer_matches_one_at_a_time(generator, monkeypatch):
-    prompts = PROMPTS + ["import os\n", "x = [1, 2, 3]\nprint(", "<start_of_turn>user\nReverse a string<end_of_turn>\n"]
-    settings = GenerationSettings(max_new_tokens=12)
-    # The random model never ends a turn: make the second token of the first answer a stop token, so
-    # that some answers end early and others run to the limit.
-    first = generator.complete(prompts[:1], settings)[0]
-    generator.stop_ids.append(generator.tokenizer(first.text, add_special_tokens=False).input_ids[1])
-    alone = [generator.complete([prompt], settings, batch_size=1)[0] for prompt in prompts]
-    assert {completion.new_tokens < 12 for completion in alone} == {True, False}
-
-    batches = []
-    extend = generator._extend
-
-    def record(answers, *args, **kwargs):
-        batches.append(["resumed" if answer.generated else "new" for answer in answers])
-        return extend(answers, *args, **kwargs)
-
-    monkeypatch.setattr(generator, "_extend", record)
-    finished = []
-    batched = generator.complete(prompts, settings, batch_size=3, on_batch=lambda indices, _: finished.extend(indices))
-    assert batched == alone
-    assert any(set(batch) == {"resumed", "new"} for batch in batches)  # a freed slot took a new prompt
-    assert sorted(finished) == list(range(len(prompts)))  # each answer reported once, when it finished
 
 
 def test_logits_are_computed_for_the_last_position_only_from_a_contiguous_input(generator):
@@ -142,7 +117,7 @@ def adapter_dir(tmp_path_factory, model_dir):
     model = build_tiny_model("gemma3")
     config = LoRAConfig(rank=4, alpha=8.0, dropout=0.0, target_modules=("q_proj", "v_proj"),
                         base_model_name_or_path=str(model_dir))
-    inject_lora(model, config.target_modules, config.rank, config.alpha, config.dropout)
+    inject_lora(model, config)
     torch.manual_seed(1)
     for name, parameter in model.named_parameters():
         if "lora_B" in name:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lora import LoRALinear, inject_lora, lora_layers, merge_all, unmerge_all
+from lora import LoRAConfig, LoRALinear, inject_lora, lora_layers, merge_all, unmerge_all
 
 
 def make_layer(rank=4, alpha=8.0, dropout=0.0, use_rslora=False, dtype=torch.float32, seed=0):
@@ -83,6 +83,20 @@ def test_dropout_only_in_training_mode():
     assert torch.equal(layer(x), layer.base(x))
 
 
+def test_a_merged_layer_disabled_is_its_base_again():
+    layer = make_layer()
+    randomize_adapter(layer)
+    x = torch.randn(6, 12)
+    base_out = layer.base(x)
+    layer.merge()
+    layer.disabled = True
+    torch.testing.assert_close(layer(x), base_out, rtol=1e-5, atol=1e-5)
+    layer.disabled = False
+    layer.unmerge()
+    layer.disabled = True
+    torch.testing.assert_close(layer(x), base_out, rtol=1e-5, atol=1e-5)  # unmerge rounds in float32
+
+
 def test_merge_matches_adapter_forward_and_is_idempotent():
     layer = make_layer()
     randomize_adapter(layer)
@@ -102,7 +116,7 @@ def test_merge_matches_adapter_forward_and_is_idempotent():
 
 
 def test_optimizer_step_changes_only_adapter_tensors(tiny_model):
-    inject_lora(tiny_model, rank=4, alpha=8.0, dropout=0.0)
+    inject_lora(tiny_model, LoRAConfig(rank=4, alpha=8.0, dropout=0.0))
     before = {name: tensor.clone() for name, tensor in tiny_model.state_dict().items()}
     trainable = [p for p in tiny_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-2)
@@ -133,18 +147,18 @@ def test_inject_targets_attention_by_default_and_never_embeddings(tiny_model):
 
 
 def test_inject_all_linear_skips_lm_head(tiny_model):
-    names = inject_lora(tiny_model, "all-linear")
+    names = inject_lora(tiny_model, LoRAConfig(target_modules="all-linear"))
     assert len(names) == 7 * tiny_model.config.num_hidden_layers
     assert not any("lm_head" in n or "embed" in n for n in names)
 
 
 def test_inject_unknown_target_is_an_error(tiny_model):
     with pytest.raises(ValueError, match="no linear layer"):
-        inject_lora(tiny_model, ("nonexistent_proj",))
+        inject_lora(tiny_model, LoRAConfig(target_modules=("nonexistent_proj",)))
 
 
 def test_model_level_merge_round_trip(tiny_model):
-    inject_lora(tiny_model, rank=4, alpha=8.0, dropout=0.0)
+    inject_lora(tiny_model, LoRAConfig(rank=4, alpha=8.0, dropout=0.0))
     for layer in lora_layers(tiny_model).values():
         randomize_adapter(layer)
     ids = torch.randint(0, 200, (2, 9))
@@ -161,7 +175,7 @@ def test_model_level_merge_round_trip(tiny_model):
 
 def test_injected_layers_follow_the_model_s_mode(tiny_model):
     tiny_model.eval()
-    inject_lora(tiny_model, dropout=0.5)
+    inject_lora(tiny_model, LoRAConfig(dropout=0.5))
     assert all(not layer.training for layer in lora_layers(tiny_model).values())
     tiny_model.train()
     assert all(layer.dropout.training for layer in lora_layers(tiny_model).values())

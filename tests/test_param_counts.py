@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig
 
-from lora import count_parameters, inject_lora, trainable_report
+from lora import LoRAConfig, count_parameters, inject_lora, trainable_report
 
 
 def gemma_2_2b_config() -> Gemma2Config:
@@ -25,7 +25,7 @@ def on_meta(config):
 @pytest.mark.parametrize("rank, expected", [(8, 3_194_880), (16, 6_389_760), (32, 12_779_520)])
 def test_gemma_2_2b_counts_match_the_study(rank, expected):
     model = on_meta(gemma_2_2b_config())
-    inject_lora(model, rank=rank, alpha=2 * rank)
+    inject_lora(model, LoRAConfig(rank=rank, alpha=2 * rank))
     trainable, total = count_parameters(model)
     assert trainable == expected
     assert total == 2_614_341_888 + expected
@@ -33,7 +33,7 @@ def test_gemma_2_2b_counts_match_the_study(rank, expected):
 
 def test_gemma_2_2b_report_line_matches_the_study():
     model = on_meta(gemma_2_2b_config())
-    inject_lora(model, rank=16, alpha=32)
+    inject_lora(model, LoRAConfig(rank=16, alpha=32))
     assert trainable_report(model) == (
         "trainable params: 6,389,760 || all params: 2,620,731,648 || trainable%: 0.2438"
     )
@@ -41,5 +41,5 @@ def test_gemma_2_2b_report_line_matches_the_study():
 
 def test_gemma_3_270m_rank_16():
     model = on_meta(gemma_3_270m_config())
-    inject_lora(model, rank=16, alpha=32)
+    inject_lora(model, LoRAConfig(rank=16, alpha=32))
     assert count_parameters(model)[0] == 1_474_560

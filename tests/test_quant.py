@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from lora import LoRALinear, inject_lora, lora_layers
+from lora import LoRAConfig, LoRALinear, inject_lora, lora_layers
 from quant import NF4Linear, decoder_linear_names, quantize_decoder_linears
 
 
@@ -83,7 +83,7 @@ def test_quantize_swaps_every_decoder_linear_and_nothing_else(tiny_model):
 
 def test_qlora_model_trains_only_adapters(tiny_model):
     quantize_decoder_linears(tiny_model)
-    inject_lora(tiny_model, rank=4, alpha=8.0)
+    inject_lora(tiny_model, LoRAConfig(rank=4, alpha=8.0))
     assert all(isinstance(layer.base, NF4Linear) for layer in lora_layers(tiny_model).values())
     ids = torch.randint(0, 200, (2, 8))
     tiny_model(input_ids=ids, labels=ids).loss.backward()

@@ -18,7 +18,7 @@ from checkpoint import CheckpointError, checkpoint_dirs
 from loss import count_supervised, supervised_loss_sum
 from conftest import build_tiny_model, make_tiny_tokenizer
 from data.dataset import collate, encode_example
-from lora import inject_lora, load_adapter
+from lora import LoRAConfig, inject_lora, load_adapter
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,7 +69,7 @@ def test_accumulation_4x4_gives_the_same_gradient_as_16x1():
     gradients = []
     for micro_batch in (16, 4):
         model = build_tiny_model("gemma3")
-        inject_lora(model, rank=4, alpha=8.0, dropout=0.0)
+        inject_lora(model, LoRAConfig(rank=4, alpha=8.0, dropout=0.0))
         for layer_name, parameter in model.named_parameters():  # non-zero B so A gets gradients too
             if ".lora_B." in layer_name:
                 torch.nn.init.normal_(parameter, std=0.1, generator=torch.Generator().manual_seed(1))

@@ -34,7 +34,7 @@ def build(kind: str, tied: bool = True) -> torch.nn.Module:
 def with_adapter(kind: str, tied: bool = True, seed: int = 1) -> torch.nn.Module:
     """LoRA r=4 on q/k/v/o plus rows for TOKEN_IDS, all set to random values as after training."""
     model = build(kind, tied)
-    inject_lora(model, rank=4, alpha=8.0, dropout=0.0)
+    inject_lora(model, LoRAConfig(rank=4, alpha=8.0, dropout=0.0))
     inject_trainable_tokens(model, TOKEN_IDS)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -116,7 +116,7 @@ def test_training_changes_only_the_chosen_rows(kind):
     tokenizer = make_tiny_tokenizer()
     model = build(kind)
     original = model.get_input_embeddings().weight.detach().clone()
-    inject_lora(model, rank=4, alpha=8.0, dropout=0.0)
+    inject_lora(model, LoRAConfig(rank=4, alpha=8.0, dropout=0.0))
     inject_trainable_tokens(model, TOKEN_IDS)
     settings = train.TrainConfig(lr=1e-2, token_lr_scale=2.0)
     parameters, optimizer, scaler = train.make_optimizer(model, settings, torch.device("cpu"), torch.float32)
