@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,12 +36,23 @@ class GenerationCache:
             self._load()
 
     def _load(self) -> None:
-        complete, _, partial = self.path.read_text(encoding="utf-8").rpartition("\n")
-        if partial:  # a run was interrupted in the middle of a line: drop that line
-            self.path.write_text(complete + "\n" if complete else "", encoding="utf-8")
-        for line in complete.splitlines():
-            record = json.loads(line)
-            self.entries[record["key"]] = Completion(record["text"], record["new_tokens"])
+        """Read the cache; a damaged line (a run interrupted mid-write, a file edited by hand) is
+        dropped from the file and its generation made again, never a reason to stop."""
+        text = self.path.read_text(encoding="utf-8", errors="replace")
+        kept = []
+        for number, line in enumerate(text.split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                self.entries[record["key"]] = Completion(str(record["text"]), int(record["new_tokens"]))
+                kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                print(f"{self.path} line {number} is not a cached generation: dropped, it will be generated "
+                      "again", file=sys.stderr)
+        cleaned = "".join(line + "\n" for line in kept)
+        if cleaned != text:
+            self.path.write_text(cleaned, encoding="utf-8")
 
     @staticmethod
     def key(prompt: str, settings: GenerationSettings, stop_strings: Sequence[str]) -> str:

@@ -191,6 +191,20 @@ def test_a_cache_line_cut_by_an_interruption_is_dropped(tmp_path):
     assert len(GenerationCache(tmp_path, spec).entries) == 3
 
 
+@pytest.mark.parametrize("damage", ["not json at all", '{"key": "k"}', '{"key": "k", "text": "t", "new_tokens": "many"}'])
+def test_a_damaged_cache_line_in_the_middle_is_dropped_with_one_line(tmp_path, capsys, damage):
+    spec = ModelSpec("base", "no-such/model")
+    cache = GenerationCache(tmp_path, spec)
+    cache.add(["a"], [Completion("x", 1)])
+    with cache.path.open("a") as handle:
+        handle.write(damage + "\n")
+    cache.add(["b"], [Completion("y", 2)])
+    reloaded = GenerationCache(tmp_path, spec)
+    assert reloaded.entries == {"a": Completion("x", 1), "b": Completion("y", 2)}
+    assert f"{cache.path} line 2 is not a cached generation" in capsys.readouterr().err
+    assert damage not in cache.path.read_text()  # dropped from the file too: the warning comes once
+
+
 def test_an_answer_that_reaches_the_token_limit_has_not_ended_its_turn():
     class FixedLengths:  # stands in for CachedGenerator: answers of 3 tokens, or of the whole limit
         settings = evaluate.GenerationSettings(max_new_tokens=5)
