@@ -12,11 +12,15 @@ when complete, so a crash never leaves one that looks finished; only the latest 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import random
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -32,6 +36,33 @@ RESUMABLE_CHANGES = {"out", "save_every", "eval_every", "overwrite", "device"}
 
 class CheckpointError(RuntimeError):
     """A run cannot resume from its output folder; the message is one line for the user."""
+
+
+@contextmanager
+def hold_output_folder(out: Path) -> Iterator[None]:
+    """Create `out` if needed and hold its lock (`out/.lock`, with our pid) while the run lasts: a
+    second run on the same folder fails at once instead of mixing its files with ours. The lock
+    goes with the process, however it ends."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CheckpointError(f"--out {out} cannot be a folder: {error.strerror or error}") from None
+    handle = (out / ".lock").open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise CheckpointError(f"{out} is in use by another training run (pid {holder}); wait for it to end, "
+                              "or choose another --out") from None
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    try:
+        yield
+    finally:
+        handle.close()
 
 
 def data_fingerprint(examples: list[dict], schedule: list[list[int]]) -> str:

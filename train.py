@@ -31,7 +31,9 @@ from tqdm import tqdm
 
 import models
 from chat_format import TURN_MARKERS
-from checkpoint import CheckpointError, data_fingerprint, rng_state, save_checkpoint, start_or_resume
+from checkpoint import (
+    CheckpointError, data_fingerprint, hold_output_folder, rng_state, save_checkpoint, start_or_resume,
+)
 from data.dataset import IGNORE_INDEX, DataError, batch_order, collate, encode_rows, load_rows, split_rows
 from lora import (
     ATTENTION_MODULES, AdapterError, LoRAConfig, inject_lora, inject_trainable_tokens, parse_target_modules,
@@ -254,8 +256,13 @@ def run(config: TrainConfig, after_step: Callable[[int], None] | None = None) ->
     """Train (or resume) as `config` says; returns the summary. `after_step(step)` is called after
     each optimizer step (benchmarks time steps with it; tests kill the process with it)."""
     device = models.pick_device(config.device)
-    dtype = models.pick_compute_dtype(device)
     config = resolve_defaults(config, device)
+    with hold_output_folder(Path(config.out)):
+        return _train(config, device, after_step)
+
+
+def _train(config: TrainConfig, device: torch.device, after_step: Callable[[int], None] | None) -> dict:
+    dtype = models.pick_compute_dtype(device)
     out = Path(config.out)
     started = time.time()
     torch.manual_seed(config.seed)

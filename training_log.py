@@ -5,15 +5,30 @@ from __future__ import annotations
 
 import json
 import resource
+import sys
 from pathlib import Path
 
 import torch
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """The entries of metrics.jsonl. A torn last line (a run killed while writing it) is dropped, with
+    a word; a damaged line elsewhere is an error naming the file and the line."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [(number, line) for number, line in enumerate(path.read_text().splitlines(), start=1) if line.strip()]
+    entries = []
+    for number, line in lines:
+        try:
+            entry = json.loads(line)
+            if not isinstance(entry, dict) or not isinstance(entry.get("step"), int):
+                raise ValueError("no step")
+            entries.append(entry)
+        except ValueError:
+            if number != lines[-1][0]:
+                raise ValueError(f"{path} line {number} is damaged; repair or delete that line to resume") from None
+            print(f"{path} line {number} was cut off when the run stopped: dropped", file=sys.stderr)
+    return entries
 
 
 def truncate_metrics(path: Path, step: int) -> None:

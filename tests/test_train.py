@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import train
 import training_log
-from checkpoint import CheckpointError, checkpoint_dirs
+from checkpoint import CheckpointError, checkpoint_dirs, hold_output_folder
 from loss import count_supervised, supervised_loss_sum
 from conftest import build_tiny_model, make_tiny_tokenizer
 from data.dataset import collate, encode_example
@@ -216,6 +216,53 @@ def test_an_adapter_without_a_checkpoint_is_not_overwritten_without_overwrite(ti
         train.run(tiny_config(tiny_setup, out, max_steps=2))
     assert (out / "adapter_model.safetensors").read_bytes() == adapter and (out / "metrics.jsonl").exists()
     assert train.run(tiny_config(tiny_setup, out, max_steps=2, overwrite=True))["steps"] == 2
+
+
+def test_a_second_run_on_the_same_out_fails_at_once_naming_the_first(tiny_setup, tmp_path):
+    out = tmp_path / "run"
+    with hold_output_folder(out):  # as a first run would, in another process
+        with pytest.raises(CheckpointError, match=rf"{out} is in use by another training run \(pid {os.getpid()}\)"):
+            train.run(tiny_config(tiny_setup, out, max_steps=2))
+        assert sorted(path.name for path in out.iterdir()) == [".lock"]  # nothing written beside it
+    assert train.run(tiny_config(tiny_setup, out, max_steps=2))["steps"] == 2  # the lock went with its holder
+
+
+@pytest.mark.parametrize("place", ["a-file", "a-file/run"])
+def test_an_out_that_cannot_be_a_folder_is_one_error_before_any_work(tiny_setup, tmp_path, place, monkeypatch):
+    (tmp_path / "a-file").write_text("precious")
+    monkeypatch.setattr(train.models, "load_tokenizer", lambda *_: pytest.fail("work started"))
+    with pytest.raises(CheckpointError, match=f"--out {tmp_path / place} cannot be a folder"):
+        train.run(tiny_config(tiny_setup, tmp_path / place, max_steps=2))
+    assert (tmp_path / "a-file").read_text() == "precious"
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume_and_a_damaged_one_is_named(tiny_setup, tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(train.TrainError):
+        train.run(tiny_config(tiny_setup, out), after_step=interrupt_at(2))
+    metrics = out / "metrics.jsonl"
+    intact = metrics.read_text()
+    metrics.write_text(intact + '{"step": 3, "lo')
+    assert train.run(tiny_config(tiny_setup, out))["steps"] == 6
+    assert f"{metrics} line {len(intact.splitlines()) + 1} was cut off when the run stopped: dropped" in capsys.readouterr().err
+
+    damaged = tmp_path / "damaged"
+    with pytest.raises(train.TrainError):
+        train.run(tiny_config(tiny_setup, damaged), after_step=interrupt_at(2))
+    lines = (damaged / "metrics.jsonl").read_text().splitlines()
+    (damaged / "metrics.jsonl").write_text("\n".join(["{oops", *lines[1:]]) + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl line 1 is damaged"):
+        train.run(tiny_config(tiny_setup, damaged))
+
+
+def test_written_files_get_the_users_usual_mode(tiny_setup, tmp_path):
+    out = tmp_path / "run"
+    train.run(tiny_config(tiny_setup, out, max_steps=2))
+    umask = os.umask(0)
+    os.umask(umask)
+    expected = 0o666 & ~umask
+    for path in [out / "adapter_model.safetensors", out / "adapter_config.json", *checkpoint_dirs(out)[-1].iterdir()]:
+        assert path.stat().st_mode & 0o777 == expected, path
 
 
 def run_cli(capsys, *args) -> tuple[int, str]:
