@@ -26,8 +26,8 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 import models
 from chat_format import STOP_MARKERS, extract_code, user_turn
 from lora import AdapterError, load_adapter, read_adapter_config
-from lora.adapter import trained_on_nf4
 from options import COUNT, NON_NEGATIVE, NON_NEGATIVE_INT, PROBABILITY, ranged
+from training_log import trained_on_nf4
 
 # ---------------------------------------------------------------------------------------------
 # Generation

@@ -39,10 +39,11 @@ from lora import (
     ATTENTION_MODULES, AdapterError, LoRAConfig, inject_lora, inject_trainable_tokens, parse_target_modules,
     save_adapter, token_rows, trainable_report,
 )
-from lora.adapter import TRAINING_CONFIG_NAME
 from loss import count_supervised, decoder_hidden, loss_sum_at, supervised_loss_sum
 from options import COUNT, DROPOUT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE
-from training_log import peak_memory_bytes, plot_losses, read_metrics, record, summarize, summary_line, truncate_metrics
+from training_log import (
+    peak_memory_bytes, plot_losses, read_metrics, record, summarize, summary_line, truncate_metrics, write_settings,
+)
 
 # On this 2-core CPU the study's 3 epochs at length 768 on the embedded corpus would take hours;
 # the embedded default trains less (README: "Training on the embedded defaults").
@@ -298,7 +299,7 @@ def _train(config: TrainConfig, device: torch.device, after_step: Callable[[int]
     metrics_path = out / "metrics.jsonl"
     if start_step == 0:
         metrics_path.unlink(missing_ok=True)
-        (out / TRAINING_CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+        write_settings(out, dataclasses.asdict(config))
     else:
         truncate_metrics(metrics_path, start_step)  # lines a killed run wrote after its checkpoint
     model.train()

@@ -1,5 +1,5 @@
-"""A training run's record: metrics.jsonl (one line per step and per held-out evaluation), the loss
-plot, peak memory, and the summary printed and saved at the end."""
+"""A training run's record: its settings (train_config.json), metrics.jsonl (one line per step and per
+held-out evaluation), the loss plot, peak memory, and the summary printed and saved at the end."""
 
 from __future__ import annotations
 
@@ -9,6 +9,24 @@ import sys
 from pathlib import Path
 
 import torch
+
+# train.py writes its settings here, beside the adapter; "qlora": true means it was trained on an NF4 base.
+TRAINING_CONFIG_NAME = "train_config.json"
+
+
+def write_settings(out: Path, settings: dict) -> None:
+    (out / TRAINING_CONFIG_NAME).write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def trained_on_nf4(directory: str | Path) -> bool:
+    """Whether train.py trained this adapter on an NF4 base (then it should meet that base again).
+    Adapters from elsewhere (PEFT) carry no such record and count as trained on a float base."""
+    path = Path(directory) / TRAINING_CONFIG_NAME
+    try:
+        return bool(json.loads(path.read_text()).get("qlora", False))
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -32,8 +32,6 @@ from .tokens import ROWS_NAME, inject_trainable_tokens, token_rows
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 KEY_PREFIX = "base_model.model."
-# train.py writes its settings here, beside the adapter; "qlora": true means it was trained on an NF4 base.
-TRAINING_CONFIG_NAME = "train_config.json"
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter weights under PEFT's key names, as contiguous float32 CPU tensors."""
@@ -64,16 +62,6 @@ def read_adapter_config(directory: str | Path) -> LoRAConfig:
     if not isinstance(raw, dict):
         raise AdapterError(f"{path} does not hold a JSON object")
     return LoRAConfig.from_peft_json(raw, str(path))
-
-
-def trained_on_nf4(directory: str | Path) -> bool:
-    """Whether train.py trained this adapter on an NF4 base (then it should meet that base again).
-    Adapters from elsewhere (PEFT) carry no such record and count as trained on a float base."""
-    path = Path(directory) / TRAINING_CONFIG_NAME
-    try:
-        return bool(json.loads(path.read_text()).get("qlora", False))
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return False
 
 
 def read_adapter_weights(directory: str | Path) -> dict[str, torch.Tensor]:

@@ -90,7 +90,7 @@ class LoRALinear(nn.Module):
             # Adding the update to a 4-bit weight would re-quantize it and lose what was learned.
             raise TypeError(
                 f"cannot merge into a {type(self.base).__name__} base in place; "
-                "export a merged model instead (lora.export_merged), which dequantizes first"
+                "export a merged model instead (export.py, lora.export_merged), which dequantizes first"
             )
         return weight
 

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import build_tiny_model, make_tiny_tokenizer
 from lora import AdapterError, LoRAConfig, export_merged, inject_lora, load_adapter, lora_layers, save_adapter
-from lora.adapter import trained_on_nf4
+from training_log import trained_on_nf4
 from quant import quantize_decoder_linears
 
 IDS = torch.tensor([[2, 10, 40, 77, 120, 33, 250, 5, 9]])
