@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="dtype of the saved weights (default: %(default)s)")
     args = parser.parse_args(argv)
     try:
+        check_new_folder(Path(args.out))  # before the slow loading and merging
         nf4 = args.nf4 or trained_on_nf4(args.adapter)
         model = models.load_model(args.model, torch.device("cpu"), torch.float32, nf4=nf4)
         tokenizer = models.load_tokenizer(args.model)
@@ -41,6 +43,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"merged model written to {args.out}")
     return 0
+
+
+def check_new_folder(path: Path) -> None:
+    """Raises AdapterError unless `path` is new and can be created."""
+    if path.exists():
+        raise AdapterError(f"{path} already exists; choose a new folder for the merged model")
+    ancestor = path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise AdapterError(f"{path} cannot be created: {ancestor} is a file")
 
 
 if __name__ == "__main__":

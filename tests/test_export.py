@@ -40,7 +40,7 @@ def test_the_merged_folder_is_a_plain_model_with_the_adapters_outputs(tiny_adapt
 
 @pytest.mark.parametrize("place, message", [
     ("exists", "already exists"),
-    ("a-file/merged", "Not a directory"),
+    ("a-file/merged", "a-file is a file"),
 ])
 def test_a_bad_output_path_is_one_error_line(tiny_adapter, tmp_path, capsys, place, message):
     model_dir, adapter_dir, _ = tiny_adapter
