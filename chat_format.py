@@ -52,12 +52,18 @@ def extract_code(response: str, entry_point: str | None = None) -> str:
     return _without_prose(answer)
 
 
+def definition_of(name: str, top_level: bool = False) -> re.Pattern[str]:
+    """Matches a line that defines the function `name` (at column 0 only, when `top_level`)."""
+    indent = "" if top_level else r"\s*"
+    return re.compile(rf"^{indent}(?:async\s+)?def\s+{re.escape(name)}\s*\(", re.MULTILINE)
+
+
 def _choose_block(blocks: list[tuple[str, str]], entry_point: str | None) -> str:
     python_blocks = [code for language, code in blocks if language.lower() in PYTHON_FENCES] or [
         code for _, code in blocks
     ]
     if entry_point:
-        defining = re.compile(rf"^\s*(?:async\s+)?def\s+{re.escape(entry_point)}\s*\(", re.MULTILINE)
+        defining = definition_of(entry_point)
         for code in python_blocks:
             if defining.search(code):
                 return code

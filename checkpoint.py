@@ -27,6 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from files import first_line
 from lora import LoRAConfig, save_adapter
 from lora.adapter import AdapterError, atomic_write, load_adapter_tensors, read_adapter_weights
 
@@ -185,8 +186,7 @@ def _read_state(directory: Path) -> dict:
 
 
 def _damaged(directory: Path, error: Exception) -> CheckpointError:
-    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-    return CheckpointError(f"checkpoint {directory} is damaged ({reason}); delete it to resume from an older "
+    return CheckpointError(f"checkpoint {directory} is damaged ({first_line(error)}); delete it to resume from an older "
                            "one, or use --overwrite to start over")
 
 

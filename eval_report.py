@@ -16,7 +16,7 @@ Z_95 = 1.959963984540054
 # CSV column -> (Report attribute, label in the plot), in the order of the CSV and the plot.
 RATE_LABELS = {
     "syntax_accuracy": ("syntax", "syntax valid"),
-    "heldout_pass1": ("heldout_pass", "held-out doctests"),
+    "held_out_pass1": ("held_out_pass", "held-out doctests"),
     "humaneval_pass1": ("humaneval_chat", "HumanEval chat"),
     "humaneval_raw_pass1": ("humaneval_raw", "HumanEval raw"),
     "ended_turn": ("ended", "ended turn"),
@@ -69,7 +69,7 @@ class Report:
     bleu_mean: float
     bleu_std: float
     corpus_bleu: float
-    heldout_pass: Rate
+    held_out_pass: Rate
     humaneval_chat: Rate
     humaneval_raw: Rate
     ended: Rate
@@ -102,7 +102,7 @@ def markdown_table(reports: Sequence[Report]) -> str:
         speed = f"{report.generation.tokens_per_second:.0f}" if report.generation.seconds else "-"
         lines.append(f"| {report.label} | {report.syntax} | {report.defines} | {report.bleu_mean:.2f} ± {report.bleu_std:.2f} | "
                      f"{report.corpus_bleu:.2f} | {report.humaneval_chat} | {report.humaneval_raw} | "
-                     f"{report.heldout_pass} | {report.ended} | {speed} |")
+                     f"{report.held_out_pass} | {report.ended} | {speed} |")
     return "\n".join(lines) + "\n"
 
 

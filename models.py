@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from files import first_line
+
 EMBEDDED_MODEL = "embedded"
 CACHE_DIR = Path(os.environ.get("GEMMA_LORA_CACHE", Path.home() / ".cache" / "gemma-code-lora"))
 EMBEDDED_DIR_NAME = "gemma-3-270m-from-gguf"
@@ -91,7 +93,7 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(path)
     except Exception as error:  # transformers raises many kinds; the user needs one line
-        raise ModelLoadError(f"cannot load a tokenizer from {name!r}: {_first_line(error)}") from None
+        raise ModelLoadError(f"cannot load a tokenizer from {name!r}: {first_line(error)}") from None
 
 
 def load_model(name: str, device: torch.device, dtype: torch.dtype, nf4: bool = False) -> PreTrainedModel:
@@ -108,7 +110,7 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype, nf4: bool = 
             path, dtype=torch.float32 if nf4 else dtype, attn_implementation=attention_implementation(config.model_type)
         )
     except Exception as error:
-        raise ModelLoadError(f"cannot load model {name!r}: {_first_line(error)}") from None
+        raise ModelLoadError(f"cannot load model {name!r}: {first_line(error)}") from None
     model.requires_grad_(False)
     model.to(device)
     if nf4:
@@ -118,8 +120,3 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype, nf4: bool = 
         model.to(dtype)
         print(f"NF4: decoder linear weights {before / 2**20:,.0f} MiB (fp32) -> {after / 2**20:,.0f} MiB", flush=True)
     return model.eval()
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

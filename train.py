@@ -36,8 +36,8 @@ from checkpoint import (
 )
 from data.dataset import IGNORE_INDEX, DataError, batch_order, collate, encode_rows, load_rows, split_rows
 from lora import (
-    ATTENTION_MODULES, AdapterError, LoRAConfig, inject_lora, inject_trainable_tokens, parse_target_modules,
-    save_adapter, token_rows, trainable_report,
+    ATTENTION_MODULES, AdapterError, LoRAConfig, describe_token_rows, inject_lora, inject_trainable_tokens,
+    parse_target_modules, save_adapter, token_rows, trainable_report,
 )
 from loss import count_supervised, decoder_hidden, loss_sum_at, supervised_loss_sum
 from options import COUNT, DROPOUT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE
@@ -157,23 +157,6 @@ def resolve_trainable_tokens(spec: str, tokenizer) -> tuple[int, ...]:
     if len(set(ids)) != len(ids):
         raise TrainError(f"--trainable-tokens names a token twice: {spec}")
     return tuple(ids)
-
-
-def describe_token_rows(model: torch.nn.Module, tokenizer, token_ids: tuple[int, ...]) -> str:
-    """Which rows train and what the base model has in them: a row close to the mean of the
-    `<unusedN>` rows (cosine > 0.9) was never trained, which is why these rows must be."""
-    weight = model.get_input_embeddings().weight.float()
-    vocabulary = tokenizer.get_vocab()
-    unused = [index for token, index in vocabulary.items() if token.startswith("<unused")]
-    parts = []
-    for token_id in token_ids:
-        part = f"{tokenizer.convert_ids_to_tokens(token_id)} ({token_id})"
-        if unused:
-            cosine = torch.cosine_similarity(weight[token_id], weight[unused].mean(0), dim=0).item()
-            verdict = "looks untrained" if cosine > 0.9 else "looks trained"
-            part += f": cosine {cosine:.2f} with the mean <unused> row, {verdict}"
-        parts.append(part)
-    return "trainable token rows (input embedding, and the output head when tied): " + "; ".join(parts)
 
 
 def autocast(device: torch.device, dtype: torch.dtype):

@@ -35,7 +35,7 @@ from loss import count_supervised
 VARIANTS = ("lora", "qlora", "peft-lora", "peft-qlora")
 # Random weights with Gemma-2-2B's exact shapes, for GPU runs (no download, no tokenizer needed).
 RANDOM_GEMMA2_2B = "random-gemma-2-2b"
-RANDOM_MODEL_LENGTH = 768  # the study's max length; random-model rows are exactly this long
+RANDOM_MODEL_LENGTH = train.STUDY_MAX_LENGTH  # random-model rows are exactly the study's max length
 RANDOM_MODEL_PROMPT_FRACTION = 0.25  # the first quarter of each random row is "prompt", unlabelled
 
 Example = dict[str, list[int]]

@@ -1,1 +1,1 @@
-"""Training data: the loaders and chat formatting (`data.dataset`) and the embedded corpus builder."""
+"""Training data: loading, tokenizing and batching (`data.dataset`) and the embedded corpus builder."""

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from chat_format import END_OF_TURN, user_turn
+from files import first_line
 
 DEFAULT_DATASET = Path(__file__).resolve().parent / "python_pairs.parquet"
 IGNORE_INDEX = -100  # label of tokens that carry no loss
@@ -65,7 +66,7 @@ def _load(spec: str | Path) -> datasets.Dataset:
     try:
         return datasets.load_dataset(str(spec), split="train")
     except Exception as error:  # the hub raises many kinds; the user needs one line either way
-        raise DataError(f"could not load dataset {spec!r} from the Hugging Face hub: {_first_line(error)}") from error
+        raise DataError(f"could not load dataset {spec!r} from the Hugging Face hub: {first_line(error)}") from error
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -87,12 +88,7 @@ def _load_local(path: Path) -> datasets.Dataset:
     try:
         return datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train")
     except Exception as error:  # malformed JSON / Parquet surfaces as several exception types
-        raise DataError(f"could not read {path}: {_first_line(error)}") from error
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
+        raise DataError(f"could not read {path}: {first_line(error)}") from error
 
 
 # ---------------------------------------------------------------- split

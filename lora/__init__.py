@@ -8,12 +8,12 @@ from .inject import (
     count_parameters, inject_lora, lora_layers, mark_only_lora_as_trainable, merge_all, trainable_report, unmerge_all,
 )
 from .layer import LoRALinear
-from .tokens import inject_trainable_tokens, merge_token_rows, output_head, token_rows
+from .tokens import describe_token_rows, inject_trainable_tokens, merge_token_rows, output_head, token_rows
 
 __all__ = [
-    "ALL_LINEAR", "ATTENTION_MODULES", "AdapterError", "LoRAConfig", "LoRALinear",
-    "count_parameters", "export_merged", "inject_lora", "inject_trainable_tokens", "load_adapter",
+    "ALL_LINEAR", "ATTENTION_MODULES", "AdapterError", "LoRAConfig", "LoRALinear", "count_parameters",
+    "describe_token_rows", "export_merged", "inject_lora", "inject_trainable_tokens", "load_adapter",
     "lora_layers", "mark_only_lora_as_trainable", "merge_all", "merge_into_plain_linears", "merge_token_rows",
-    "output_head", "parse_target_modules", "read_adapter_config", "save_adapter",
-    "token_rows", "trainable_report", "unmerge_all",
+    "output_head", "parse_target_modules", "read_adapter_config", "save_adapter", "token_rows",
+    "trainable_report", "unmerge_all",
 ]

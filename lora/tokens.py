@@ -127,3 +127,20 @@ def merge_token_rows(model: nn.Module) -> None:
     head = model.get_output_embeddings()
     if isinstance(head, TrainableTokenHead):
         model.set_output_embeddings(head.base_layer)
+
+
+def describe_token_rows(model: torch.nn.Module, tokenizer, token_ids: tuple[int, ...]) -> str:
+    """Which rows train and what the base model has in them: a row close to the mean of the
+    `<unusedN>` rows (cosine > 0.9) was never trained, which is why these rows must be."""
+    weight = model.get_input_embeddings().weight.float()
+    vocabulary = tokenizer.get_vocab()
+    unused = [index for token, index in vocabulary.items() if token.startswith("<unused")]
+    parts = []
+    for token_id in token_ids:
+        part = f"{tokenizer.convert_ids_to_tokens(token_id)} ({token_id})"
+        if unused:
+            cosine = torch.cosine_similarity(weight[token_id], weight[unused].mean(0), dim=0).item()
+            verdict = "looks untrained" if cosine > 0.9 else "looks trained"
+            part += f": cosine {cosine:.2f} with the mean <unused> row, {verdict}"
+        parts.append(part)
+    return "trainable token rows (input embedding, and the output head when tied): " + "; ".join(parts)

@@ -167,7 +167,7 @@ def test_a_tiny_model_end_to_end_and_the_rerun_comes_from_the_cache(tiny_setup, 
     assert "syntax" not in rows[0] and "syntax_accuracy_ci_low" in rows[0]  # one column per value
     reference = rows[0]
     assert float(reference["syntax_accuracy"]) == 100 and float(reference["humaneval_pass1"]) == 100
-    assert float(reference["heldout_pass1"]) == 100 and int(reference["heldout_pass1_n"]) >= 1
+    assert float(reference["held_out_pass1"]) == 100 and int(reference["held_out_pass1_n"]) >= 1
     assert float(reference["ended_turn"]) == 100 and int(reference["ended_turn_n"]) == 2 + 2
     assert float(reference["defines_function"]) == 100 and int(reference["defines_function_n"]) == 2
     assert all(0 <= float(row["humaneval_pass1_ci_low"]) <= float(row["humaneval_pass1_ci_high"]) <= 100
@@ -227,11 +227,11 @@ def test_an_answer_that_reaches_the_token_limit_has_not_ended_its_turn():
 
     row = {"instruction": "short", "input": "", "entry_point": ""}
     problem = {"prompt": "def f():\n", "entry_point": "f"}
-    tasks = evaluate.Tasks(heldout=[row, {**row, "instruction": "long"}], humaneval=[problem])
+    tasks = evaluate.Tasks(held_out=[row, {**row, "instruction": "long"}], humaneval=[problem])
     assert evaluate.model_answers(FixedLengths(), tasks).ended == [True, False, False]
 
 
 def test_references_longer_than_the_limit_are_counted():
-    tasks = evaluate.Tasks(heldout=[{"output": "x" * 9}, {"output": "x" * 10}, {"output": ""}], humaneval=[])
+    tasks = evaluate.Tasks(held_out=[{"output": "x" * 9}, {"output": "x" * 10}, {"output": ""}], humaneval=[])
     # The tiny tokenizer has one token per byte; the closing <end_of_turn> adds one.
     assert evaluate.references_over(tasks, make_tiny_tokenizer(), 10) == 1

@@ -1,0 +1,47 @@
+"""The toolkit's own files: JSON lines read with the file and line named in every error, files
+written so that a failure never leaves half of one, and one-line error texts."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from lora.adapter import atomic_write
+
+
+class FileError(ValueError):
+    """A file cannot be read as what it should be; the message names it, in one line."""
+
+
+def read_jsonl(path: Path, what: str) -> list[tuple[str, object]]:
+    """(where, value) for each non-blank line of a JSON-lines file, where = "FILE line N".
+    Raises FileError for an unreadable file, a line that is not JSON, or no `what` at all."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise FileError(f"cannot read {path}: {error}") from None
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append((f"{path} line {number}", json.loads(line)))
+        except json.JSONDecodeError:
+            raise FileError(f"{path} line {number}: not valid JSON") from None
+    if not records:
+        raise FileError(f"{path} holds no {what}")
+    return records
+
+
+def write_jsonl(path: Path, records: Sequence[dict]) -> None:
+    """One JSON object per line, written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    atomic_write(path, lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message cut to its first line (its type's name when it has none)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
