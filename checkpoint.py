@@ -43,12 +43,14 @@ class CheckpointError(RuntimeError):
 def hold_output_folder(out: Path) -> Iterator[None]:
     """Create `out` if needed and hold its lock (`out/.lock`, with our pid) while the run lasts: a
     second run on the same folder fails at once instead of mixing its files with ours. The lock
-    goes with the process, however it ends."""
+    goes with the process, however it ends; a folder we created and left empty is removed again."""
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise CheckpointError(f"--out {out} cannot be a folder: {error.strerror or error}") from None
-    handle = (out / ".lock").open("a+")
+    lock = out / ".lock"
+    handle = lock.open("a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -63,6 +65,9 @@ def hold_output_folder(out: Path) -> Iterator[None]:
     try:
         yield
     finally:
+        if created and [path.name for path in out.iterdir()] == [lock.name]:  # a start that failed early
+            lock.unlink()
+            out.rmdir()
         handle.close()
 
 
