@@ -29,8 +29,9 @@ from safetensors.torch import load_file, save_file
 
 from files import first_line
 from lora import LoRAConfig, save_adapter
-from lora.adapter import AdapterError, atomic_write, load_adapter_tensors, read_adapter_weights
+from lora.adapter import WEIGHTS_NAME, AdapterError, atomic_write, load_adapter_tensors, read_adapter_weights
 
+STATE_KEYS = ("step", "config", "data_fingerprint", "optimizer_param_groups", "grad_scaler", "python_rng")
 # Settings that may change between a run and its resumption without changing the result.
 RESUMABLE_CHANGES = {"out", "save_every", "eval_every", "overwrite", "device"}
 
@@ -81,17 +82,17 @@ def data_fingerprint(examples: list[dict], schedule: list[list[int]]) -> str:
 
 
 def start_or_resume(out: Path, settings: dict, fingerprint: str, model, optimizer, scaler, overwrite: bool) -> int:
-    """Resume from the latest checkpoint in `out` (state and RNG restored; returns its step), or
-    return 0 for a fresh start: with `overwrite`, older checkpoints are removed first."""
-    existing = checkpoint_dirs(out) if out.exists() else []
+    """Resume from the latest checkpoint in `out`, a folder held by hold_output_folder (state and RNG
+    restored; returns its step), or return 0 for a fresh start: with `overwrite`, older checkpoints
+    are removed first."""
+    existing = checkpoint_dirs(out)
     if existing and overwrite:
         for directory in existing:
             shutil.rmtree(directory)
         existing = []
-    if not existing and (out / "adapter_model.safetensors").exists() and not overwrite:
+    if not existing and (out / WEIGHTS_NAME).exists() and not overwrite:
         raise CheckpointError(f"{out} holds an adapter but no checkpoint to resume from; use --overwrite to "
                               "replace it, or another --out")
-    out.mkdir(parents=True, exist_ok=True)
     if not existing:
         return 0
     latest = existing[-1]
@@ -183,8 +184,9 @@ def load_checkpoint(directory: Path, model, optimizer, scaler) -> tuple[int, dic
 def _read_state(directory: Path) -> dict:
     try:
         state = json.loads((directory / "state.json").read_text())
-        for key in ("step", "config", "data_fingerprint", "optimizer_param_groups", "grad_scaler", "python_rng"):
-            state[key]  # noqa: B018 (a missing key is a damaged checkpoint)
+        missing = [key for key in STATE_KEYS if key not in state]
+        if missing:
+            raise KeyError(f"state.json has no {missing[0]!r}")
         return state
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise _damaged(directory, error) from None

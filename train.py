@@ -42,7 +42,7 @@ from lora import (
 from loss import count_supervised, decoder_hidden, loss_sum_at, supervised_loss_sum
 from options import COUNT, DROPOUT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE
 from training_log import (
-    peak_memory_bytes, plot_losses, read_metrics, record, summarize, summary_line, truncate_metrics, write_settings,
+    peak_memory_bytes, plot_losses, record, summarize, summary_line, truncate_metrics, write_settings,
 )
 
 # On this 2-core CPU the study's 3 epochs at length 768 on the embedded corpus would take hours;
@@ -283,10 +283,10 @@ def _train(config: TrainConfig, device: torch.device, after_step: Callable[[int]
     if start_step == 0:
         metrics_path.unlink(missing_ok=True)
         write_settings(out, dataclasses.asdict(config))
+        history = []
     else:
-        truncate_metrics(metrics_path, start_step)  # lines a killed run wrote after its checkpoint
+        history = truncate_metrics(metrics_path, start_step)  # without lines written after the checkpoint
     model.train()
-    history = read_metrics(metrics_path)
     if start_step == 0:
         record(metrics_path, history, {"step": 0, **held_out_losses(model, eval_batches, device, dtype)})
 

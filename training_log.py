@@ -49,10 +49,12 @@ def read_metrics(path: Path) -> list[dict]:
     return entries
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop the lines a killed run wrote after its last checkpoint; they will be written again."""
+def truncate_metrics(path: Path, step: int) -> list[dict]:
+    """Drop the lines a killed run wrote after its last checkpoint (they will be written again);
+    returns the entries kept."""
     kept = [entry for entry in read_metrics(path) if entry["step"] <= step]
     path.write_text("".join(json.dumps(entry) + "\n" for entry in kept))
+    return kept
 
 
 def record(path: Path, history: list[dict], entry: dict) -> None:
