@@ -102,3 +102,17 @@ def quantize_decoder_linears(model: nn.Module, compute_dtype: torch.dtype | None
         after += quantized.storage_bytes()
         setattr(parent, child_name, quantized)
     return before, after
+
+
+def dequantize_decoder_linears(model: nn.Module) -> int:
+    """Swap every NF4Linear back for a plain nn.Linear holding its dequantized weight; returns how many.
+
+    The weights keep their 4-bit rounding (what a QLoRA adapter was trained against); only the
+    per-call dequantization goes. On the CPU, bitsandbytes computes exactly this (dequantize, then a
+    plain matmul) at every call, so the outputs are the same bit for bit.
+    """
+    swapped = [(name, module) for name, module in model.named_modules() if isinstance(module, NF4Linear)]
+    for name, module in swapped:
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child_name, module.to_linear())
+    return len(swapped)

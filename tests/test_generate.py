@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import generate
+import models
 from conftest import build_tiny_model, make_tiny_tokenizer
 from generate import Completion, GenerationSettings, Generator
-from lora import LoRAConfig, inject_lora, save_adapter
+from lora import LoRAConfig, inject_lora, load_adapter, save_adapter
 
 # ---------------------------------------------------------------------------------------------
 # Generation with a tiny random-init model
@@ -168,10 +169,12 @@ def test_interactive_answers_until_an_empty_line(model_dir, capsys, monkeypatch)
 
 
 @pytest.mark.parametrize("problem, message", [
-    ("missing-model", "cannot load"),
+    ("missing-model", "neither a local model folder nor a model on the Hugging Face Hub"),
     ("missing-adapter", "adapter_config.json"),
     ("bad-input-line", "line 2: not valid JSON"),
     ("input-without-instruction", "needs an 'instruction' or a 'prompt'"),
+    ("output-is-a-folder", "is a folder, not a file"),
+    ("output-under-a-file", "cannot be created: "),
 ])
 def test_bad_input_is_one_line_on_stderr_and_exit_2(problem, message, model_dir, tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
@@ -180,6 +183,8 @@ def test_bad_input_is_one_line_on_stderr_and_exit_2(problem, message, model_dir,
     argv = {
         "missing-model": ["--model", tmp_path / "nowhere", "--prompt", "x"],
         "missing-adapter": ["--model", model_dir, "--adapter", tmp_path, "--prompt", "x"],
+        "output-is-a-folder": ["--model", "/not/loaded/first", "--input", prompts, "--output", tmp_path],
+        "output-under-a-file": ["--model", "/not/loaded/first", "--input", prompts, "--output", prompts / "out.jsonl"],
     }.get(problem, ["--model", model_dir, "--input", prompts, "--output", output])
     code, out, err = run(argv, capsys)
     assert code == 2 and out == ""
@@ -189,12 +194,20 @@ def test_bad_input_is_one_line_on_stderr_and_exit_2(problem, message, model_dir,
 
 
 def test_a_qlora_adapter_meets_the_nf4_base_it_was_trained_on(model_dir, adapter_dir, tmp_path):
+    """On the CPU the NF4 weights are dequantized once for generation: the same logits, bit for bit,
+    as bitsandbytes' 4-bit layers, and different from the full-precision base's."""
     from quant import NF4Linear
 
     qlora_adapter = tmp_path / "qlora"
     shutil.copytree(adapter_dir, qlora_adapter)
     (qlora_adapter / "train_config.json").write_text('{"qlora": true}')
-    for folder, expected in ((adapter_dir, False), (qlora_adapter, True)):
-        loaded = Generator.load(str(model_dir), str(folder), device="cpu")
-        has_nf4 = any(isinstance(module, NF4Linear) for module in loaded.model.modules())
-        assert has_nf4 == expected, folder
+    nf4_model = models.load_model(str(model_dir), torch.device("cpu"), torch.bfloat16, nf4=True)
+    load_adapter(nf4_model, qlora_adapter)
+    assert any(isinstance(module, NF4Linear) for module in nf4_model.modules())
+    input_ids = torch.tensor([[2, 10, 20, 30, 40, 50]])
+    with torch.inference_mode():
+        expected = nf4_model(input_ids).logits
+        for folder, same in ((qlora_adapter, True), (adapter_dir, False)):
+            loaded = Generator.load(str(model_dir), str(folder), device="cpu")
+            assert not any(isinstance(module, NF4Linear) for module in loaded.model.modules())
+            assert torch.equal(loaded.model(input_ids).logits, expected) == same, folder
