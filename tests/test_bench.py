@@ -76,3 +76,16 @@ def test_a_run_replaces_its_own_section_and_keeps_the_other_device_s():
     report = merged_report(report, "GPU", "## GPU figures\nnew\n")
     assert "cpu" in report and "new" in report and "old" not in report
     assert report.index("## CPU figures") < report.index("## GPU figures") < report.index("## How to read this")
+
+
+def test_batch_size_bench_compares_sizes_on_the_same_prompts():
+    from bench.batch_size import measure_batch_sizes
+    from conftest import build_tiny_model, make_tiny_tokenizer
+    from generate import GenerationSettings, Generator
+
+    generator = Generator(build_tiny_model("gemma3"), make_tiny_tokenizer())
+    prompts = ["def add(a, b):\n", "<start_of_turn>user\nWrite fib<end_of_turn>\n<start_of_turn>model\n", "x = "]
+    results = measure_batch_sizes(generator, prompts, [1, 3], GenerationSettings(max_new_tokens=6))
+    assert [result["batch_size"] for result in results] == [1, 3]
+    assert results[0]["identical_to_first"] == 3 and all(result["prompts"] == 3 for result in results)
+    assert all(result["new_tokens"] > 0 and result["tokens_per_s"] > 0 for result in results)

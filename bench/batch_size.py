@@ -1,0 +1,60 @@
+"""Evaluation-style greedy generation at several batch sizes, side by side in one run: the same
+held-out chat prompts, model, adapter and token limit as `make eval`; only the batch size changes.
+
+    python -m bench.batch_size --adapter outputs/lora_r16 --batch-sizes 16,64 --prompts 64
+
+Prints one line per batch size (seconds, generated tokens/s, answers identical to the first size's)
+and writes them as JSON with --result. A batch runs until its longest answer ends, so larger batches
+pay off when answers share that length (loops that run to the limit do).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import models
+from options import DEVICE
+from bench.generation import held_out_prompts, timed
+from generate import GenerationSettings, Generator
+
+
+def measure_batch_sizes(generator: Generator, prompts: list[str], batch_sizes: list[int],
+                        settings: GenerationSettings) -> list[dict]:
+    generator.complete(prompts[:1], GenerationSettings(max_new_tokens=2))  # first-call set-up, untimed
+    results, first_texts = [], None
+    for batch_size in batch_sizes:
+        completions, seconds = timed(generator.model.device,
+                                     lambda: generator.complete(prompts, settings, batch_size))
+        texts = [completion.text for completion in completions]
+        first_texts = first_texts or texts
+        new_tokens = sum(completion.new_tokens for completion in completions)
+        results.append({"batch_size": batch_size, "prompts": len(prompts), "seconds": round(seconds, 1),
+                        "new_tokens": new_tokens, "tokens_per_s": round(new_tokens / seconds, 1),
+                        "identical_to_first": sum(a == b for a, b in zip(texts, first_texts))})
+        print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=models.EMBEDDED_MODEL)
+    parser.add_argument("--adapter", help="adapter folder (a QLoRA one meets its NF4 base, as in make eval)")
+    parser.add_argument("--dataset", default="default", help="where the held-out prompts come from")
+    parser.add_argument("--prompts", type=int, default=64, help="held-out prompts (default: %(default)s)")
+    parser.add_argument("--batch-sizes", default="16,64", help="comma-separated (default: %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=GenerationSettings.max_new_tokens)
+    parser.add_argument("--device", type=DEVICE, help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--result", help="JSON file for the measurements")
+    args = parser.parse_args(argv)
+    generator = Generator.load(args.model, args.adapter, args.device)
+    prompts = held_out_prompts(args.dataset, args.prompts)
+    batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
+    results = measure_batch_sizes(generator, prompts, batch_sizes, GenerationSettings(args.max_new_tokens))
+    if args.result:
+        Path(args.result).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
