@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 import models
+from files import FileError, check_writable
 from lora import AdapterError, export_merged, load_adapter
 from training_log import trained_on_nf4
 
@@ -49,11 +50,10 @@ def check_new_folder(path: Path) -> None:
     """Raises AdapterError unless `path` is new and can be created."""
     if path.exists():
         raise AdapterError(f"{path} already exists; choose a new folder for the merged model")
-    ancestor = path.parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise AdapterError(f"{path} cannot be created: {ancestor} is a file")
+    try:
+        check_writable(path, folder=True)
+    except FileError as error:
+        raise AdapterError(str(error)) from None
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ written so that a failure never leaves half of one, and one-line error texts."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,6 +40,21 @@ def write_jsonl(path: Path, records: Sequence[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
     atomic_write(path, lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
+
+
+def check_writable(path: Path, folder: bool = False) -> None:
+    """Raises FileError unless `path` can be written as a file (or, with `folder`, used as a folder):
+    checked before long work starts, so a bad output path costs nothing."""
+    kind = "folder" if folder else "file"
+    if path.exists() and path.is_dir() != folder:
+        raise FileError(f"{path} is a {'file' if folder else 'folder'}, not a {kind}: choose another path")
+    ancestor = path if folder and path.is_dir() else path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise FileError(f"{path} cannot be created: {ancestor} is a file")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise FileError(f"{path} cannot be written: no permission to write in {ancestor}")
 
 
 def first_line(error: BaseException) -> str:

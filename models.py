@@ -61,18 +61,48 @@ def _convert_embedded_gguf(target: Path) -> None:
 
 
 def resolve_model_path(name: str) -> str:
-    """Map `embedded` to its cached folder; pass ids and folders through unchanged."""
-    return str(embedded_model_dir()) if name == EMBEDDED_MODEL else name
+    """Map `embedded` to its cached folder; pass folders and Hugging Face ids through, after checking
+    that an id which is neither on disk nor in the Hugging Face cache can be fetched at all."""
+    if name == EMBEDDED_MODEL:
+        return str(embedded_model_dir())
+    if not Path(name).exists():
+        _check_hub_id(name)
+    return name
+
+
+def _check_hub_id(name: str) -> None:
+    """One quick question to the Hub instead of transformers' retries (about 30 s per file offline)."""
+    import huggingface_hub
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+
+    try:
+        if os.environ.get("HF_HUB_OFFLINE") or huggingface_hub.try_to_load_from_cache(name, "config.json"):
+            return
+        huggingface_hub.model_info(name, timeout=10)
+    except (HFValidationError, RepositoryNotFoundError):
+        raise ModelLoadError(f"{name!r} is neither a local model folder nor a model on the Hugging Face Hub") from None
+    except Exception as error:  # noqa: BLE001  (the HTTP client's errors: no network, DNS, timeouts)
+        if getattr(error, "response", None) is None:  # no answer at all (a refusal, e.g. a gated model, loads as usual)
+            raise ModelLoadError(f"{name!r} is not a local folder or in the Hugging Face cache, and the Hub "
+                                 f"cannot be reached: {first_line(error)}") from None
 
 
 def pick_device(requested: str | None = None) -> torch.device:
-    """The requested device, else CUDA when present, else the CPU."""
-    if requested:
+    """The requested device (cpu, cuda or cuda:N, refused in one line if this machine has none),
+    else CUDA when present, else the CPU."""
+    if not requested:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
         device = torch.device(requested)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ModelLoadError(f"device {requested!r} was requested but CUDA is not available")
-        return device
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ModelLoadError(f"unknown device {requested!r}: use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {requested!r} was requested but CUDA is not available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ModelLoadError(f"device {requested!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
 
 
 def pick_compute_dtype(device: torch.device) -> torch.dtype:

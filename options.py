@@ -7,6 +7,8 @@ import argparse
 import math
 from collections.abc import Callable
 
+import models
+
 
 def ranged(kind: type, low: float | None = None, high: float | None = None,
            low_open: bool = False, high_open: bool = False) -> Callable[[str], int | float]:
@@ -39,3 +41,12 @@ POSITIVE = ranged(float, 0, low_open=True)
 NON_NEGATIVE = ranged(float, 0)
 PROBABILITY = ranged(float, 0, 1, low_open=True)  # (0, 1]
 DROPOUT = ranged(float, 0, 1, high_open=True)  # [0, 1)
+
+
+def DEVICE(text: str) -> str:  # noqa: N802  (named like the other argument types)
+    """An argparse `type` for --device: cpu, cuda or cuda:N that this machine has."""
+    try:
+        models.pick_device(text)
+    except models.ModelLoadError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text

@@ -40,7 +40,7 @@ from lora import (
     parse_target_modules, save_adapter, token_rows, trainable_report,
 )
 from loss import count_supervised, decoder_hidden, loss_sum_at, supervised_loss_sum
-from options import COUNT, DROPOUT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE
+from options import COUNT, DEVICE, DROPOUT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE
 from training_log import (
     peak_memory_bytes, plot_losses, record, summarize, summary_line, truncate_metrics, write_settings,
 )
@@ -377,7 +377,7 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
     add("--save-every", type=COUNT, default=defaults.save_every, help="checkpoint every N steps (default: %(default)s)")
     add("--eval-every", type=COUNT, default=defaults.eval_every, help="held-out loss every N steps (default: %(default)s)")
     add("--eval-rows", type=COUNT, default=defaults.eval_rows, help="held-out rows for the loss (default: %(default)s)")
-    add("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
+    add("--device", type=DEVICE, default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
     add("--overwrite", action="store_true", help="discard an existing checkpoint in --out instead of resuming")
     args = parser.parse_args(argv)
     values = vars(args)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import models
 import train
+from options import DEVICE
 from bench.measure import machine_description, matmul_flops_per_second
 from bench.report import LABELS, Summary, generation_summary, generation_table, target_lines, training_table
 from bench.training import RANDOM_GEMMA2_2B, VARIANTS, BenchSettings, random_model_dir
@@ -144,7 +145,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="rows to train on, as train.py's --dataset (default: the embedded corpus)")
     parser.add_argument("--max-length", type=int, default=None,
                         help="drop longer rows (default: train.py's for this model and device)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--device", type=DEVICE, default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--generate-prompts", type=int, default=16,
                         help="held-out prompts for the generation comparison; 0 skips it (default: %(default)s)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="generation limit (default: %(default)s)")

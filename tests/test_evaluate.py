@@ -190,8 +190,15 @@ def test_naming_a_folder_without_an_adapter_is_an_error(tiny_setup, tmp_path, ca
     assert "no adapter_config.json" in capsys.readouterr().err
 
 
+def empty_model_folder(tmp_path):
+    """Any model folder will do: the cache only fingerprints its files."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    return folder
+
+
 def test_a_cache_line_cut_by_an_interruption_is_dropped(tmp_path):
-    spec = ModelSpec("base", "no-such/model")
+    spec = ModelSpec("base", str(empty_model_folder(tmp_path)))
     settings = evaluate.GenerationSettings(max_new_tokens=4)
     cache = GenerationCache(tmp_path, spec)
     keys = [cache.key(prompt, settings, ()) for prompt in ("a", "b", "c")]
@@ -206,7 +213,7 @@ def test_a_cache_line_cut_by_an_interruption_is_dropped(tmp_path):
 
 @pytest.mark.parametrize("damage", ["not json at all", '{"key": "k"}', '{"key": "k", "text": "t", "new_tokens": "many"}'])
 def test_a_damaged_cache_line_in_the_middle_is_dropped_with_one_line(tmp_path, capsys, damage):
-    spec = ModelSpec("base", "no-such/model")
+    spec = ModelSpec("base", str(empty_model_folder(tmp_path)))
     cache = GenerationCache(tmp_path, spec)
     cache.add(["a"], [Completion("x", 1)])
     with cache.path.open("a") as handle:
@@ -235,3 +242,12 @@ def test_references_longer_than_the_limit_are_counted():
     tasks = evaluate.Tasks(held_out=[{"output": "x" * 9}, {"output": "x" * 10}, {"output": ""}], humaneval=[])
     # The tiny tokenizer has one token per byte; the closing <end_of_turn> adds one.
     assert evaluate.references_over(tasks, make_tiny_tokenizer(), 10) == 1
+
+
+def test_an_outputs_path_that_is_a_file_fails_before_any_model_loads(tmp_path, capsys):
+    not_a_folder = tmp_path / "outputs"
+    not_a_folder.write_text("a file\n")
+    assert evaluate.main(["--model", "/never/loaded", "--outputs", str(not_a_folder)]) == 2
+    err = capsys.readouterr().err
+    assert f"evaluate.py: error: {not_a_folder} is a file, not a folder" in err and "Traceback" not in err
+    assert not_a_folder.read_text() == "a file\n"

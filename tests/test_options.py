@@ -7,7 +7,9 @@ import pytest
 
 import evaluate
 import generate
-from options import DROPOUT, PROBABILITY, ranged
+import models
+import train
+from options import DEVICE, DROPOUT, PROBABILITY, ranged
 
 
 def test_ranged_types_check_both_ends():
@@ -26,9 +28,39 @@ def test_ranged_types_check_both_ends():
     (evaluate._parser().parse_args, ["--workers", "-1"], "argument --workers: must be >= 1"),
     (evaluate._parser().parse_args, ["--timeout", "0"], "argument --timeout: must be > 0"),
     (evaluate._parser().parse_args, ["--limit", "-1"], "argument --limit: must be >= 1"),
+    (evaluate._parser().parse_args, ["--device", "foo"], "argument --device: unknown device 'foo'"),
+    (generate._parser().parse_args, ["--prompt", "x", "--device", "cuda:7"], "argument --device: device 'cuda:7'"),
+    (train.parse_args, ["--device", "gpu"], "argument --device: unknown device 'gpu'"),
 ])
 def test_out_of_range_options_exit_2_with_one_line(capsys, parse, args, message):
     with pytest.raises(SystemExit) as exit_:
         parse(args)
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_devices_this_machine_has_pass():
+    assert DEVICE("cpu") == "cpu"
+    with pytest.raises(argparse.ArgumentTypeError, match="use cpu, cuda or cuda:N"):
+        DEVICE("meta")
+
+
+@pytest.mark.parametrize("name, message", [
+    ("/no/such/folder", "neither a local model folder nor a model on the Hugging Face Hub"),
+    ("no such id!", "neither a local model folder nor a model on the Hugging Face Hub"),
+])
+def test_a_model_that_is_neither_a_folder_nor_a_hub_id_fails_at_once(name, message):
+    with pytest.raises(models.ModelLoadError, match=message):
+        models.resolve_model_path(name)
+
+
+def test_an_unreachable_hub_is_one_line_at_once_not_a_minute_of_retries(monkeypatch):
+    import huggingface_hub
+
+    def no_network(*args, **kwargs):
+        raise OSError("[Errno -2] Name or service not known")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "model_info", no_network)
+    with pytest.raises(models.ModelLoadError, match="the Hub cannot be reached: .*Name or service not known"):
+        models.resolve_model_path("nobody/no-such-model")

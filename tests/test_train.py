@@ -275,7 +275,7 @@ def run_cli(capsys, *args) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--model", "/nonexistent/model"], "cannot load a tokenizer from '/nonexistent/model'"),
+    (["--model", "/nonexistent/model"], "'/nonexistent/model' is neither a local model folder nor a model on the Hugging Face Hub"),
     (["--rank", "0"], "argument --rank: must be >= 1, got 0"),
     (["--max-steps", "0"], "argument --max-steps: must be >= 1"),
     (["--epochs", "-1"], "argument --epochs: must be >= 1"),
