@@ -9,12 +9,13 @@ EPOCHS ?=
 MAX_STEPS ?=
 OUT ?=
 LIMIT ?=
+PORT ?= 8000
 
 # Optional overrides become flags only when set.
 TRAIN_FLAGS = --model $(MODEL) --dataset $(DATASET) --rank $(RANK) \
 	$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(MAX_STEPS),--max-steps $(MAX_STEPS)) $(if $(OUT),--out $(OUT))
 
-.PHONY: venv test train qlora eval bench data
+.PHONY: venv test train qlora eval serve bench data
 
 venv: .venv/.runtime-installed
 
@@ -44,6 +45,10 @@ qlora: venv
 # (written to model_comparison_limitN.* beside them).
 eval: venv
 	$(PYTHON) evaluate.py --model $(MODEL) --dataset $(DATASET) $(if $(LIMIT),--limit $(LIMIT))
+
+# OpenAI-compatible HTTP server on 127.0.0.1:$(PORT): the base model and every adapter under outputs/.
+serve: venv
+	$(PYTHON) serve.py --model $(MODEL) --port $(PORT)
 
 # Our LoRA / QLoRA loop side by side with PEFT + HF Trainer (benchmark-only packages in
 # requirements-bench.txt); writes bench/RESULTS.md. Run it on an otherwise idle machine (~10 min here).

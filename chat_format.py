@@ -8,6 +8,7 @@ Training (data/dataset.py), generation and evaluation all speak it through this 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 END_OF_TURN = "<end_of_turn>"
 START_OF_TURN = "<start_of_turn>"
@@ -20,6 +21,32 @@ def user_turn(instruction: str, input: str = "") -> str:
     """The prompt up to where the model answers; also the generation prompt (the tokenizer adds BOS)."""
     request = f"{instruction}\n{input}" if input else instruction
     return f"{START_OF_TURN}user\n{request}{END_OF_TURN}\n{START_OF_TURN}model\n"
+
+
+SYSTEM_SEPARATOR = "\n\n"  # between a system text and the user's, as in Gemma's chat template
+
+
+def conversation(messages: Sequence[tuple[str, str]]) -> str:
+    """A whole chat as (role, text) pairs -> the prompt up to where the model answers next.
+
+    Roles are "user" and "assistant" (the model's own earlier answers); Gemma has no system turn, so a
+    "system" (or "developer") text goes at the top of the next user turn, as Gemma's own chat template
+    puts it. A single user message gives exactly `user_turn` (what training used).
+    """
+    turns, pending_system = [], []
+    for role, text in messages:
+        if role in ("system", "developer"):
+            pending_system.append(text)
+        elif role == "user":
+            turns.append(f"{START_OF_TURN}user\n{SYSTEM_SEPARATOR.join(pending_system + [text])}{END_OF_TURN}\n")
+            pending_system = []
+        elif role == "assistant":
+            turns.append(f"{START_OF_TURN}model\n{text}{END_OF_TURN}\n")
+        else:
+            raise ValueError(f"unknown chat role {role!r}: use system, user or assistant")
+    if not messages or messages[-1][0] != "user":
+        raise ValueError("a chat must end with a user message")
+    return "".join(turns) + f"{START_OF_TURN}model\n"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
+from transformers import (
+    GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList, TextStreamer,
+)
+from transformers.generation.streamers import BaseStreamer
 
 import models
 from chat_format import STOP_MARKERS, extract_code, user_turn
@@ -126,7 +129,7 @@ class Generator:
         order = sorted(range(len(prompts)), key=lambda index: -lengths[index])
         completions: list[Completion | None] = [None] * len(prompts)
         for batch in _chunks(order, batch_size):
-            results = self._generate([prompts[index] for index in batch], settings, stop_strings)
+            results = self.generate_batch([prompts[index] for index in batch], settings, stop_strings)
             for index, result in zip(batch, results):
                 completions[index] = result
             if on_batch:
@@ -136,17 +139,21 @@ class Generator:
     def stream(self, prompt: str, settings: GenerationSettings) -> Completion:
         """Complete one prompt, printing its text to stdout as it is generated."""
         streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        return self._generate([prompt], settings, (), streamer)[0]
+        return self.generate_batch([prompt], settings, (), streamer)[0]
 
     @torch.inference_mode()
-    def _generate(self, prompts: list[str], settings: GenerationSettings, stop_strings: Sequence[str],
-                  streamer: TextStreamer | None = None) -> list[Completion]:
+    def generate_batch(self, prompts: list[str], settings: GenerationSettings, stop_strings: Sequence[str] = (),
+                       streamer: BaseStreamer | None = None,
+                       stopping_criteria: StoppingCriteria | None = None) -> list[Completion]:
+        """One batch, as it comes. `streamer.put` gets each step's new tokens (one per row, after the
+        prompt ids); `stopping_criteria` can end rows early (True per row), e.g. a client gone away."""
         inputs = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.model.device)
         if settings.temperature > 0:
             torch.manual_seed(settings.seed)
         output = self.model.generate(
             **inputs, generation_config=self._generation_config(settings, stop_strings),
             tokenizer=self.tokenizer if stop_strings else None, streamer=streamer,
+            stopping_criteria=StoppingCriteriaList([stopping_criteria] if stopping_criteria else []),
         )
         new_tokens = output[:, inputs["input_ids"].shape[1]:]
         return [self.to_completion(row.tolist(), stop_strings) for row in new_tokens]

@@ -22,10 +22,15 @@ from data.dataset import load_rows, split_rows
 from generate import GenerationSettings, Generator
 
 
-def held_out_prompts(dataset: str, count: int) -> list[str]:
+def held_out_instructions(dataset: str, count: int) -> list[tuple[str, str]]:
+    """(instruction, input) of the first `count` held-out rows."""
     _, test_rows = split_rows(load_rows(dataset))
     rows = test_rows.select(range(min(count, len(test_rows))))
-    return [user_turn(row["instruction"], row.get("input") or "") for row in rows]
+    return [(row["instruction"], row.get("input") or "") for row in rows]
+
+
+def held_out_prompts(dataset: str, count: int) -> list[str]:
+    return [user_turn(instruction, input) for instruction, input in held_out_instructions(dataset, count)]
 
 
 def timed(device: torch.device, work):

@@ -89,3 +89,17 @@ def test_batch_size_bench_compares_sizes_on_the_same_prompts():
     assert [result["batch_size"] for result in results] == [1, 3]
     assert results[0]["identical_to_first"] == 3 and all(result["prompts"] == 3 for result in results)
     assert all(result["new_tokens"] > 0 and result["tokens_per_s"] > 0 for result in results)
+
+
+def test_serving_bench_counts_requests_and_batches():
+    from bench.serving import markdown, measure
+    from conftest import build_tiny_model, make_tiny_tokenizer
+    from generate import Generator
+
+    generators = {"base": Generator(build_tiny_model("gemma3"), make_tiny_tokenizer())}
+    results = measure(generators, "base", ["Write fib", "Sort a list"], [1, 3], per_client=2, max_tokens=4,
+                      max_batch=4)
+    assert [(result["clients"], result["requests"]) for result in results] == [(1, 2), (3, 6)]
+    assert results[0]["batches"] == 2 and results[1]["batches"] <= 6
+    assert all(result["p95_s"] >= result["p50_s"] > 0 for result in results)
+    assert "| 3 | dynamic | 6 |" in markdown(results)
