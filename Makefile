@@ -1,6 +1,6 @@
 # Everything runs inside .venv, created on first use from the pinned requirements files.
 # Overridable: make train RANK=8 MODEL=google/gemma-2-2b DATASET=iamtarun/python_code_instructions_18k_alpaca
-#              EPOCHS=3 MAX_STEPS=100 OUT=outputs/my_run
+#              EPOCHS=3 MAX_STEPS=100 OUT=outputs/my_run NPROC=2
 PYTHON := .venv/bin/python
 RANK ?= 16
 MODEL ?= embedded
@@ -10,6 +10,10 @@ MAX_STEPS ?=
 OUT ?=
 LIMIT ?=
 PORT ?= 8000
+NPROC ?=
+
+# NPROC=N: N processes under torchrun (gloo on the CPU, nccl on GPUs), one shared run (distributed.py).
+TRAINER = $(if $(NPROC),.venv/bin/torchrun --standalone --nproc-per-node $(NPROC),$(PYTHON))
 
 # Optional overrides become flags only when set.
 TRAIN_FLAGS = --model $(MODEL) --dataset $(DATASET) --rank $(RANK) \
@@ -34,11 +38,11 @@ test: .venv/.test-installed
 
 # LoRA on q/k/v/o; default output outputs/lora_r$(RANK). Re-running resumes from its checkpoint.
 train: venv
-	$(PYTHON) train.py $(TRAIN_FLAGS)
+	$(TRAINER) train.py $(TRAIN_FLAGS)
 
 # QLoRA: NF4 base + LoRA; default output outputs/qlora_r$(RANK).
 qlora: venv
-	$(PYTHON) train.py --qlora $(TRAIN_FLAGS)
+	$(TRAINER) train.py --qlora $(TRAIN_FLAGS)
 
 # Base model and every adapter under outputs/: syntax, BLEU, HumanEval pass@1 (sandboxed), with
 # 95% intervals -> outputs/model_comparison.csv / .md, outputs/rank_comparison.png. LIMIT=N for a quick look

@@ -34,6 +34,8 @@ from lora.adapter import WEIGHTS_NAME, AdapterError, atomic_write, load_adapter_
 STATE_KEYS = ("step", "config", "data_fingerprint", "optimizer_param_groups", "grad_scaler", "python_rng")
 # Settings that may change between a run and its resumption without changing the result.
 RESUMABLE_CHANGES = {"out", "save_every", "eval_every", "overwrite", "device"}
+# Settings recorded since a later version, with the value that a checkpoint written before implies.
+ADDED_SETTINGS = {"world_size": 1}
 
 
 class CheckpointError(RuntimeError):
@@ -81,14 +83,16 @@ def data_fingerprint(examples: list[dict], schedule: list[list[int]]) -> str:
     return digest.hexdigest()[:16]
 
 
-def start_or_resume(out: Path, settings: dict, fingerprint: str, model, optimizer, scaler, overwrite: bool) -> int:
-    """Resume from the latest checkpoint in `out`, a folder held by hold_output_folder (state and RNG
-    restored; returns its step), or return 0 for a fresh start: with `overwrite`, older checkpoints
-    are removed first."""
+def start_or_resume(out: Path, settings: dict, fingerprint: str, model, optimizer, scaler, overwrite: bool,
+                    rank: int = 0) -> int:
+    """Resume from the latest checkpoint in `out`, a folder held by hold_output_folder (state and this
+    rank's RNG restored; returns its step), or return 0 for a fresh start: with `overwrite`, older
+    checkpoints are removed first (by rank 0; the other ranks of a torchrun only read)."""
     existing = checkpoint_dirs(out)
     if existing and overwrite:
-        for directory in existing:
-            shutil.rmtree(directory)
+        if rank == 0:
+            for directory in existing:
+                shutil.rmtree(directory)
         existing = []
     if not existing and (out / WEIGHTS_NAME).exists() and not overwrite:
         raise CheckpointError(f"{out} holds an adapter but no checkpoint to resume from; use --overwrite to "
@@ -100,18 +104,20 @@ def start_or_resume(out: Path, settings: dict, fingerprint: str, model, optimize
     _check_resumable(saved["config"], settings, out)
     if saved["data_fingerprint"] != fingerprint:
         raise CheckpointError(f"the data differs from the run in {out}; use --overwrite to start over, or another --out")
-    step, rng = load_checkpoint(latest, model, optimizer, scaler)
+    step, rng = load_checkpoint(latest, model, optimizer, scaler, rank)
     restore_rng_state(rng)
-    print(f"resuming from {latest.name} (step {step})")
+    if rank == 0:
+        print(f"resuming from {latest.name} (step {step})")
     return step
 
 
 def _check_resumable(saved: dict, current: dict, directory: Path) -> None:
-    changed = [key for key in current if key not in RESUMABLE_CHANGES and saved.get(key) != current[key]]
+    changed = [key for key in current if key not in RESUMABLE_CHANGES
+               and saved.get(key, ADDED_SETTINGS.get(key)) != current[key]]
     if changed:
         key = changed[0]
         raise CheckpointError(
-            f"{directory} was started with {key}={saved.get(key)!r}, now {key}={current[key]!r}; "
+            f"{directory} was started with {key}={saved.get(key, ADDED_SETTINGS.get(key))!r}, now {key}={current[key]!r}; "
             "use --overwrite to start over, or another --out"
         )
 
@@ -136,23 +142,25 @@ def checkpoint_dirs(out: Path) -> list[Path]:
     return sorted(out.glob("checkpoint-[0-9][0-9][0-9][0-9][0-9][0-9]"))
 
 
-def save_checkpoint(out: Path, step: int, model, optimizer, scaler, rng: dict, config: dict,
+def save_checkpoint(out: Path, step: int, model, optimizer, scaler, rngs: list[dict], config: dict,
                     lora: LoRAConfig, fingerprint: str) -> None:
-    """Write `out/checkpoint-<step>` and remove older ones; `config` is the run's settings (for the
-    resume check), `fingerprint` identifies its data and order."""
+    """Write `out/checkpoint-<step>` and remove older ones; `rngs` holds each rank's random state (one
+    without torchrun), `config` the run's settings (for the resume check), `fingerprint` its data and order."""
     staging = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=out))
     try:
         save_adapter(model, staging, lora)
         tensors, groups = _flatten_optimizer_state(optimizer.state_dict())
-        tensors["rng.torch"] = rng["torch"]
-        for index, cuda_state in enumerate(rng.get("cuda", [])):
-            tensors[f"rng.cuda.{index}"] = cuda_state
-        atomic_write(staging / "trainer_state.safetensors", lambda path: save_file(tensors, path))
         state = {
             "step": step, "config": config, "data_fingerprint": fingerprint,
             "optimizer_param_groups": groups, "grad_scaler": scaler.state_dict(),
-            "python_rng": _python_rng_to_json(rng["python"]),
         }
+        for rank, rng in enumerate(rngs):
+            prefix = _rng_prefix(rank)
+            tensors[f"{prefix}torch"] = rng["torch"]
+            for index, cuda_state in enumerate(rng.get("cuda", [])):
+                tensors[f"{prefix}cuda.{index}"] = cuda_state
+            state[f"python_{prefix}".rstrip(".")] = _python_rng_to_json(rng["python"])
+        atomic_write(staging / "trainer_state.safetensors", lambda path: save_file(tensors, path))
         atomic_write(staging / "state.json", lambda path: Path(path).write_text(json.dumps(state, indent=1)))
         final = out / f"checkpoint-{step:06d}"
         if final.exists():
@@ -164,8 +172,8 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scaler, rng: dict, c
         shutil.rmtree(older)
 
 
-def load_checkpoint(directory: Path, model, optimizer, scaler) -> tuple[int, dict]:
-    """Restore adapter, optimizer and scaler in place; return (step, RNG state to restore)."""
+def load_checkpoint(directory: Path, model, optimizer, scaler, rank: int = 0) -> tuple[int, dict]:
+    """Restore adapter, optimizer and scaler in place; return (step, this rank's RNG state to restore)."""
     state = _read_state(directory)
     try:
         load_adapter_tensors(model, read_adapter_weights(directory), str(directory))
@@ -174,11 +182,20 @@ def load_checkpoint(directory: Path, model, optimizer, scaler) -> tuple[int, dic
         scaler.load_state_dict(state["grad_scaler"])
     except (OSError, SafetensorError, AdapterError, KeyError, ValueError) as error:
         raise _damaged(directory, error) from None
-    rng = {"python": _python_rng_from_json(state["python_rng"]), "torch": tensors["rng.torch"]}
-    cuda_states = [tensors[key] for key in sorted(tensors) if key.startswith("rng.cuda.")]
+    prefix = _rng_prefix(rank)
+    try:
+        rng = {"python": _python_rng_from_json(state[f"python_{prefix}".rstrip(".")]), "torch": tensors[f"{prefix}torch"]}
+    except KeyError as error:
+        raise _damaged(directory, error) from None
+    cuda_states = [tensors[key] for key in sorted(tensors) if key.startswith(f"{prefix}cuda.")]
     if cuda_states:
         rng["cuda"] = cuda_states
     return state["step"], rng
+
+
+def _rng_prefix(rank: int) -> str:
+    """Rank 0 keeps the single-process names (rng.torch, python_rng), so those checkpoints read as before."""
+    return "rng." if rank == 0 else f"rng{rank}."
 
 
 def _read_state(directory: Path) -> dict:

@@ -23,18 +23,23 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+import distributed
 import models
 from chat_format import TURN_MARKERS
 from checkpoint import (
     CheckpointError, data_fingerprint, hold_output_folder, rng_state, save_checkpoint, start_or_resume,
 )
 from data.dataset import IGNORE_INDEX, DataError, batch_order, collate, encode_rows, load_rows, split_rows
+from distributed import (
+    SINGLE_PROCESS, RankFailed, World, all_or_none, gather, my_rows, same_start, sum_gradients, sum_over_ranks,
+)
 from lora import (
     ATTENTION_MODULES, AdapterError, LoRAConfig, describe_token_rows, inject_lora, inject_trainable_tokens,
     parse_target_modules, save_adapter, token_rows, trainable_report,
@@ -165,13 +170,16 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 
 def accumulate_gradients(model, batches: list[dict], device: torch.device, dtype: torch.dtype,
-                         scaler: torch.amp.GradScaler) -> tuple[float, int]:
-    """Backward over one optimizer step's micro-batches; returns (window loss, supervised tokens).
+                         scaler: torch.amp.GradScaler, world: World = SINGLE_PROCESS) -> tuple[float, int]:
+    """Backward over this rank's micro-batches of one optimizer step; returns (window loss, supervised
+    tokens), both over the whole window (all ranks).
 
     The loss is averaged per supervised token over the whole window, which makes batch 4 x
-    accumulation 4 the same gradient as batch 16 x 1 (a mean of per-micro-batch means would not be).
+    accumulation 4 the same gradient as batch 16 x 1 (a mean of per-micro-batch means would not be),
+    and N ranks the same as one (distributed.py).
     """
-    window_tokens = sum(count_supervised(batch) for batch in batches)
+    local_tokens = sum(count_supervised(batch) for batch in batches)
+    window_tokens = int(sum_over_ranks(world, [local_tokens])[0])
     loss_value = 0.0
     for batch in batches:
         batch = {key: value.to(device) for key, value in batch.items()}
@@ -179,7 +187,7 @@ def accumulate_gradients(model, batches: list[dict], device: torch.device, dtype
             loss = supervised_loss_sum(model, batch) / window_tokens
         scaler.scale(loss).backward()
         loss_value += loss.item()
-    return loss_value, window_tokens
+    return sum_over_ranks(world, [loss_value])[0], window_tokens
 
 
 def make_optimizer(model, config: TrainConfig, device: torch.device, dtype: torch.dtype):
@@ -205,9 +213,10 @@ def set_learning_rate(optimizer, lr: float) -> None:
 
 
 def optimizer_step(model, parameters: list, optimizer, scaler, batches: list[dict], device: torch.device,
-                   dtype: torch.dtype, grad_clip: float) -> tuple[float, int, float]:
+                   dtype: torch.dtype, grad_clip: float, world: World = SINGLE_PROCESS) -> tuple[float, int, float]:
     """One optimizer step over its micro-batches; returns (loss, supervised tokens, gradient norm)."""
-    loss, tokens = accumulate_gradients(model, batches, device, dtype, scaler)
+    loss, tokens = accumulate_gradients(model, batches, device, dtype, scaler, world)
+    sum_gradients(world, parameters)  # every rank now holds the whole window's gradient
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(parameters, grad_clip).item()
     scaler.step(optimizer)
@@ -216,13 +225,15 @@ def optimizer_step(model, parameters: list, optimizer, scaler, batches: list[dic
     return loss, tokens, grad_norm
 
 
-def held_out_losses(model, batches: list[dict], device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+def held_out_losses(model, batches: list[dict], device: torch.device, dtype: torch.dtype,
+                    world: World = SINGLE_PROCESS) -> dict[str, float]:
     """Mean loss per supervised token, and the mean loss of each row's last label alone (the closing
-    `<end_of_turn>`: whether the model knows where its answer ends)."""
+    `<end_of_turn>`: whether the model knows where its answer ends). Each rank takes its share of
+    the batches; the sums are added up across ranks, so every row counts once."""
     model.eval()
     loss = end_loss = tokens = rows = 0.0
     with torch.no_grad(), autocast(device, dtype):
-        for batch in batches:
+        for batch in batches[world.rank::world.size]:
             batch = {key: value.to(device) for key, value in batch.items()}
             hidden = decoder_hidden(model, batch)
             targets = batch["labels"][:, 1:]
@@ -233,104 +244,178 @@ def held_out_losses(model, batches: list[dict], device: torch.device, dtype: tor
             tokens += int(supervised.sum())
             rows += int(last.sum())
     model.train()
+    loss, end_loss, tokens, rows = sum_over_ranks(world, [loss, end_loss, tokens, rows])
     return {"held_out_loss": loss / max(tokens, 1), "held_out_end_loss": end_loss / max(rows, 1)}
 
 
-def run(config: TrainConfig, after_step: Callable[[int], None] | None = None) -> dict:
-    """Train (or resume) as `config` says; returns the summary. `after_step(step)` is called after
-    each optimizer step (benchmarks time steps with it; tests kill the process with it)."""
-    device = models.pick_device(config.device)
-    config = resolve_defaults(config, device)
-    with hold_output_folder(Path(config.out)):
-        return _train(config, device, after_step)
+def run(config: TrainConfig, after_step: Callable[[int], None] | None = None) -> dict | None:
+    """Train (or resume) as `config` says; returns the summary (None on ranks other than 0 under
+    torchrun). `after_step(step)` is called after each optimizer step (benchmarks time steps with it;
+    tests kill the process with it)."""
+    world = distributed.start(config.device)
+    device = world.device
+    try:
+        config = resolve_defaults(config, device)
+        with ExitStack() as held:
+            with all_or_none(world, "start"):  # a rank that cannot start stops the others at once
+                if world.is_main:
+                    held.enter_context(hold_output_folder(Path(config.out)))
+                training = _setup(config, device, world)  # no collectives in here: a failed rank votes instead
+            same_start(world, training.parameters)
+            return _train(training, after_step)
+    finally:
+        distributed.finish(world)
 
 
-def _train(config: TrainConfig, device: torch.device, after_step: Callable[[int], None] | None) -> dict:
-    dtype = models.pick_compute_dtype(device)
-    out = Path(config.out)
+@dataclass
+class Training:
+    """Everything the loop needs, as _setup prepared it."""
+
+    config: TrainConfig
+    device: torch.device
+    dtype: torch.dtype
+    world: World
+    pad_id: int
+    examples: list[dict]
+    windows: list[list[list[int]]]  # per optimizer step, this rank's micro-batches (example indices)
+    total_steps: int
+    warmup: int
+    eval_batches: list[dict]
+    dropped: int
+    fingerprint: str
+    model: torch.nn.Module
+    lora: LoRAConfig
+    parameters: list[torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    start_step: int
+    started: float
+
+
+def _setup(config: TrainConfig, device: torch.device, world: World) -> Training:
     started = time.time()
+    dtype = models.pick_compute_dtype(device)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-
     tokenizer = models.load_tokenizer(config.model)
+    examples, held_out, dropped = _setup_data(config, tokenizer, world)
+    # The schedule is the single-process one at the global batch size (world x --batch-size); each
+    # rank takes its slice of every micro-batch, so N ranks see exactly the rows one process would.
+    schedule = schedule_micro_batches([len(e["input_ids"]) for e in examples],
+                                      dataclasses.replace(config, batch_size=config.batch_size * world.size))
+    windows = [[rows for micro in schedule[i:i + config.grad_accum] if (rows := my_rows(world, micro, config.batch_size))]
+               for i in range(0, len(schedule), config.grad_accum)]
+    total_steps = min(len(windows), config.max_steps or len(windows))
+    eval_batches = [collate(held_out[i:i + config.batch_size], tokenizer.pad_token_id)
+                    for i in range(0, len(held_out), config.batch_size)]
+
+    token_ids = resolve_trainable_tokens(config.trainable_tokens, tokenizer)
+    model = prepare_model(config, device, dtype, token_ids)
+    if world.is_main:
+        if token_ids:
+            print(describe_token_rows(model, tokenizer, token_ids))
+        print(trainable_report(model))
+    parameters, optimizer, scaler = make_optimizer(model, config, device, dtype)
+    fingerprint = data_fingerprint(examples, schedule)
+    settings = run_settings(config, world)
+    start_step = start_or_resume(Path(config.out), settings, fingerprint, model, optimizer, scaler,
+                                 config.overwrite, world.rank)
+    return Training(config, device, dtype, world, tokenizer.pad_token_id, examples, windows, total_steps,
+                    warmup_for(total_steps, config.warmup_steps), eval_batches, dropped, fingerprint, model,
+                    config.lora_config(token_ids), parameters, optimizer, scaler, start_step, started)
+
+
+def _setup_data(config: TrainConfig, tokenizer, world: World) -> tuple[list[dict], list[dict], int]:
+    """(training examples, held-out examples for the loss, training rows dropped as too long)."""
     train_rows, test_rows = split_rows(load_rows(config.dataset))
     examples, dropped = encode_rows(tokenizer, train_rows, config.max_length)
     held_out, _ = encode_rows(tokenizer, test_rows.select(range(min(config.eval_rows, len(test_rows)))),
                               config.max_length)
     if not examples:
         raise TrainError(f"no training row fits --max-length {config.max_length}")
-    print(f"data: {len(examples):,} training rows ({dropped:,} longer than {config.max_length} tokens dropped), "
-          f"{len(held_out)} held-out rows for the loss")
-    schedule = schedule_micro_batches([len(e["input_ids"]) for e in examples], config)
-    windows = [schedule[i:i + config.grad_accum] for i in range(0, len(schedule), config.grad_accum)]
-    total_steps = min(len(windows), config.max_steps or len(windows))
-    warmup = warmup_for(total_steps, config.warmup_steps)
-    fingerprint = data_fingerprint(examples, schedule)
-    eval_batches = [collate(held_out[i:i + config.batch_size], tokenizer.pad_token_id)
-                    for i in range(0, len(held_out), config.batch_size)]
+    if world.is_main:
+        print(f"data: {len(examples):,} training rows ({dropped:,} longer than {config.max_length} tokens dropped), "
+              f"{len(held_out)} held-out rows for the loss")
+    return examples, held_out, dropped
 
-    token_ids = resolve_trainable_tokens(config.trainable_tokens, tokenizer)
-    lora = config.lora_config(token_ids)
-    model = prepare_model(config, device, dtype, token_ids)
-    if token_ids:
-        print(describe_token_rows(model, tokenizer, token_ids))
-    print(trainable_report(model))
-    parameters, optimizer, scaler = make_optimizer(model, config, device, dtype)
 
-    start_step = start_or_resume(out, dataclasses.asdict(config), fingerprint, model, optimizer, scaler,
-                                 config.overwrite)
+def run_settings(config: TrainConfig, world: World) -> dict:
+    """The settings a checkpoint records and a resume must match: the config and the process count."""
+    return {**dataclasses.asdict(config), "world_size": world.size}
+
+
+def _train(run: Training, after_step: Callable[[int], None] | None) -> dict | None:
+    config, model, world, device, dtype = run.config, run.model, run.world, run.device, run.dtype
+    out = Path(config.out)
     metrics_path = out / "metrics.jsonl"
-    if start_step == 0:
-        metrics_path.unlink(missing_ok=True)
-        write_settings(out, dataclasses.asdict(config))
-        history = []
-    else:
-        history = truncate_metrics(metrics_path, start_step)  # without lines written after the checkpoint
+    settings = run_settings(config, world)
+    history = []
+    if world.is_main:
+        if run.start_step == 0:
+            metrics_path.unlink(missing_ok=True)
+            write_settings(out, settings)
+        else:
+            history = truncate_metrics(metrics_path, run.start_step)  # without lines written after the checkpoint
     model.train()
-    if start_step == 0:
-        record(metrics_path, history, {"step": 0, **held_out_losses(model, eval_batches, device, dtype)})
+    if run.start_step == 0:
+        losses = held_out_losses(model, run.eval_batches, device, dtype, world)
+        if world.is_main:
+            record(metrics_path, history, {"step": 0, **losses})
 
-    completed, rng_after_completed = start_step, rng_state()
-    progress = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+    def save(step: int, rng: list[dict]) -> None:
+        if world.is_main:
+            save_checkpoint(out, step, model, run.optimizer, run.scaler, rng, settings, run.lora, run.fingerprint)
+
+    completed, rng_after_completed = run.start_step, gather(world, rng_state())
+    progress = tqdm(total=run.total_steps, initial=run.start_step, desc="train", unit="step", dynamic_ncols=True,
+                    disable=not world.is_main)
     try:
-        for step in range(start_step, total_steps):
+        for step in range(run.start_step, run.total_steps):
             step_started = time.time()
-            lr = learning_rate(step, config.lr, warmup, total_steps)
-            set_learning_rate(optimizer, lr)
-            batches = [collate([examples[i] for i in micro], tokenizer.pad_token_id) for micro in windows[step]]
+            lr = learning_rate(step, config.lr, run.warmup, run.total_steps)
+            set_learning_rate(run.optimizer, lr)
+            batches = [collate([run.examples[i] for i in micro], run.pad_id) for micro in run.windows[step]]
             loss_value, window_tokens, grad_norm = optimizer_step(
-                model, parameters, optimizer, scaler, batches, device, dtype, config.grad_clip)
-            completed, rng_after_completed = step + 1, rng_state()
+                model, run.parameters, run.optimizer, run.scaler, batches, device, dtype, config.grad_clip, world)
+            # Every rank's random state after this step, held by all: Ctrl-C can then save without
+            # waiting for the other ranks.
+            completed, rng_after_completed = step + 1, gather(world, rng_state())
 
             seconds = time.time() - step_started
-            tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
-            record(metrics_path, history, {
-                "step": completed, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-                "supervised_tokens": window_tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-                "peak_memory_gb": peak_memory_bytes(device) / 1e9})
+            local_tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
+            tokens = int(sum_over_ranks(world, [local_tokens])[0])
+            if world.is_main:
+                record(metrics_path, history, {
+                    "step": completed, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+                    "supervised_tokens": window_tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+                    "peak_memory_gb": peak_memory_bytes(device) / 1e9})
             progress.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens / seconds:.0f}")
             progress.update(1)
-            if completed % config.eval_every == 0 or completed == total_steps:
-                record(metrics_path, history, {"step": completed, **held_out_losses(model, eval_batches, device, dtype)})
-            if completed % config.save_every == 0 or completed == total_steps:
-                save_checkpoint(out, completed, model, optimizer, scaler, rng_after_completed,
-                                dataclasses.asdict(config), lora, fingerprint)
+            if completed % config.eval_every == 0 or completed == run.total_steps:
+                losses = held_out_losses(model, run.eval_batches, device, dtype, world)
+                if world.is_main:
+                    record(metrics_path, history, {"step": completed, **losses})
+            if completed % config.save_every == 0 or completed == run.total_steps:
+                save(completed, rng_after_completed)
             if after_step is not None:
                 after_step(completed)
     except KeyboardInterrupt:
         progress.close()
         # An interrupted window's gradients are discarded: the checkpoint holds the state after the
-        # last completed step, with the random state as it was then.
-        optimizer.zero_grad(set_to_none=True)
-        save_checkpoint(out, completed, model, optimizer, scaler, rng_after_completed, dataclasses.asdict(config),
-                        lora, fingerprint)
+        # last completed step, with the random states as they were then.
+        run.optimizer.zero_grad(set_to_none=True)
+        save(completed, rng_after_completed)
+        if not world.is_main:
+            raise RankFailed(f"rank {world.rank}: interrupted") from None
         raise TrainError(f"interrupted: checkpoint at step {completed} saved in {out}; run again to resume") from None
     progress.close()
-
-    save_adapter(model, out, lora)
+    if not world.is_main:
+        return None
+    save_adapter(model, out, run.lora)
     plot_losses(history, out / "training_loss.png")
-    summary = summarize(model, history, time.time() - started, peak_memory_bytes(device), dropped,
-                        {"epochs": config.epochs, "max_length": config.max_length, "qlora": config.qlora})
+    summary = summarize(model, history, time.time() - run.started, peak_memory_bytes(device), run.dropped,
+                        {"epochs": config.epochs, "max_length": config.max_length, "qlora": config.qlora,
+                         "processes": world.size})
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -392,13 +477,16 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         summary = run(config)
+    except RankFailed:  # under torchrun: the rank that failed says why, in one line; the others stop quietly
+        return 2
     except (TrainError, CheckpointError, DataError, AdapterError, models.ModelLoadError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # before the loop started: there is nothing to save yet
         print("error: interrupted before training started; nothing was saved", file=sys.stderr)
         return 130
-    print(summary_line(summary))
+    if summary is not None:
+        print(summary_line(summary))
     return 0
 
 
