@@ -49,3 +49,17 @@ def test_the_entry_point_picks_among_several_blocks():
 def test_the_user_turn_ends_where_the_model_answers():
     assert user_turn("Write fib") == "<start_of_turn>user\nWrite fib<end_of_turn>\n<start_of_turn>model\n"
     assert user_turn("Sort", "[3, 1]") == "<start_of_turn>user\nSort\n[3, 1]<end_of_turn>\n<start_of_turn>model\n"
+
+
+def test_a_conversation_of_one_user_message_is_the_training_prompt():
+    from chat_format import conversation, user_turn
+
+    assert conversation([("user", "Write fib")]) == user_turn("Write fib")
+    prompt = conversation([("system", "Be brief."), ("user", "Write fib"), ("assistant", "def fib(n): ..."),
+                           ("user", "Now with a cache")])
+    assert prompt == ("<start_of_turn>user\nBe brief.\n\nWrite fib<end_of_turn>\n<start_of_turn>model\n"
+                      "def fib(n): ...<end_of_turn>\n<start_of_turn>user\nNow with a cache<end_of_turn>\n"
+                      "<start_of_turn>model\n")
+    for bad in ([], [("user", "x"), ("assistant", "y")], [("robot", "x")]):
+        with pytest.raises(ValueError):
+            conversation(bad)
