@@ -105,6 +105,19 @@ def pick_device(requested: str | None = None) -> torch.device:
     return device
 
 
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Memory a new allocation can take: free GPU memory, or the CPU's MemAvailable (None if unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def pick_compute_dtype(device: torch.device) -> torch.dtype:
     """bf16 on the CPU (AMX makes it several times faster than fp32) and on GPUs that support it;
     fp16 (to be trained with a GradScaler) on older GPUs."""

@@ -42,7 +42,7 @@ from distributed import (
 )
 from lora import (
     ATTENTION_MODULES, AdapterError, LoRAConfig, describe_token_rows, inject_lora, inject_trainable_tokens,
-    parse_target_modules, save_adapter, token_rows, trainable_report,
+    lora_parameter_count, parse_target_modules, save_adapter, token_rows, trainable_report,
 )
 from loss import count_supervised, decoder_hidden, loss_sum_at, supervised_loss_sum
 from options import COUNT, DEVICE, DROPOUT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE
@@ -134,10 +134,25 @@ def prepare_model(config: TrainConfig, device: torch.device, dtype: torch.dtype,
                   token_ids: tuple[int, ...] = ()) -> torch.nn.Module:
     model = models.load_model(config.model, device, dtype, nf4=config.qlora)
     lora = config.lora_config(token_ids)
+    check_adapter_fits(model, lora, device)
     inject_lora(model, lora)
     if token_ids:
         inject_trainable_tokens(model, token_ids)
     return model
+
+
+# Bytes per trainable number: the float32 weight, its gradient and AdamW's two moments.
+TRAINING_BYTES_PER_PARAMETER = 4 * 4
+
+
+def check_adapter_fits(model: torch.nn.Module, lora: LoRAConfig, device: torch.device) -> None:
+    """Refuse, before allocating anything, an adapter whose weights, gradients and optimizer state
+    alone would not fit in the memory the device has free (activations come on top)."""
+    needed = lora_parameter_count(model, lora) * TRAINING_BYTES_PER_PARAMETER
+    free = models.free_memory_bytes(device)
+    if free is not None and needed > free:
+        raise TrainError(f"--rank {lora.rank}: the adapter's weights, gradients and AdamW state need "
+                         f"{needed / 2**30:.1f} GiB, but {device} has {free / 2**30:.1f} GiB free; use a smaller rank")
 
 
 def resolve_trainable_tokens(spec: str, tokenizer) -> tuple[int, ...]:

@@ -5,7 +5,8 @@ from .adapter import load_adapter, read_adapter_config, save_adapter
 from .config import ALL_LINEAR, ATTENTION_MODULES, AdapterError, LoRAConfig, parse_target_modules
 from .export import export_merged, merge_into_plain_linears
 from .inject import (
-    count_parameters, inject_lora, lora_layers, mark_only_lora_as_trainable, merge_all, trainable_report, unmerge_all,
+    count_parameters, inject_lora, lora_layers, lora_parameter_count, mark_only_lora_as_trainable, merge_all,
+    trainable_report, unmerge_all,
 )
 from .layer import LoRALinear
 from .tokens import describe_token_rows, inject_trainable_tokens, merge_token_rows, output_head, token_rows
@@ -13,7 +14,7 @@ from .tokens import describe_token_rows, inject_trainable_tokens, merge_token_ro
 __all__ = [
     "ALL_LINEAR", "ATTENTION_MODULES", "AdapterError", "LoRAConfig", "LoRALinear", "count_parameters",
     "describe_token_rows", "export_merged", "inject_lora", "inject_trainable_tokens", "load_adapter",
-    "lora_layers", "mark_only_lora_as_trainable", "merge_all", "merge_into_plain_linears", "merge_token_rows",
+    "lora_layers", "lora_parameter_count", "mark_only_lora_as_trainable", "merge_all", "merge_into_plain_linears", "merge_token_rows",
     "output_head", "parse_target_modules", "read_adapter_config", "save_adapter", "token_rows",
     "trainable_report", "unmerge_all",
 ]

@@ -24,6 +24,12 @@ def find_target_names(model: nn.Module, targets: tuple[str, ...] | str) -> list[
     return names
 
 
+def lora_parameter_count(model: nn.Module, config: LoRAConfig) -> int:
+    """How many numbers inject_lora would add (r x (in + out) per adapted layer), before it allocates them."""
+    return sum(config.rank * (layer.in_features + layer.out_features)
+               for layer in map(model.get_submodule, find_target_names(model, config.target_modules)))
+
+
 def inject_lora(model: nn.Module, config: LoRAConfig = LoRAConfig()) -> list[str]:
     """Replace each linear layer `config` targets by a LoRALinear around it; freeze all but the
     adapters. Returns the names of the adapted modules. (Token rows: tokens.inject_trainable_tokens.)

@@ -18,7 +18,7 @@ from checkpoint import CheckpointError, checkpoint_dirs, hold_output_folder
 from loss import count_supervised, supervised_loss_sum
 from conftest import build_tiny_model, make_tiny_tokenizer
 from data.dataset import collate, encode_example
-from lora import LoRAConfig, inject_lora, load_adapter
+from lora import LoRAConfig, inject_lora, load_adapter, lora_parameter_count
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -303,3 +303,20 @@ def test_bad_target_modules_fail_cleanly(capsys, tiny_setup, tmp_path):
     code, stderr = run_cli(capsys, "--model", str(tiny_setup / "model"), "--dataset", str(tiny_setup / "rows.jsonl"),
                            "--targets", "c_attn", "--out", str(tmp_path / "out"))
     assert code == 2 and "no linear layer of the model matches" in stderr
+
+
+def test_a_rank_too_large_for_memory_is_refused_before_allocating(tiny_setup, tmp_path, capsys):
+    out = tmp_path / "huge"
+    code = train.main(["--model", str(tiny_setup / "model"), "--dataset", str(tiny_setup / "rows.jsonl"),
+                       "--out", str(out), "--rank", "10000000"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--rank 10000000: the adapter's weights, gradients and AdamW state need" in err
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_the_adapter_size_is_known_before_it_is_allocated():
+    model = build_tiny_model("gemma3")
+    config = LoRAConfig(rank=4, alpha=8.0)
+    expected = lora_parameter_count(model, config)
+    inject_lora(model, config)
+    assert expected == sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n) > 0
