@@ -19,7 +19,7 @@ TRAINER = $(if $(NPROC),.venv/bin/torchrun --standalone --nproc-per-node $(NPROC
 TRAIN_FLAGS = --model $(MODEL) --dataset $(DATASET) --rank $(RANK) \
 	$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(MAX_STEPS),--max-steps $(MAX_STEPS)) $(if $(OUT),--out $(OUT))
 
-.PHONY: venv test train qlora eval serve bench data
+.PHONY: venv test train qlora eval serve bench bench-serve data
 
 venv: .venv/.runtime-installed
 
@@ -62,6 +62,11 @@ serve: venv
 
 bench: .venv/.bench-installed
 	$(PYTHON) -m bench
+
+# serve.py under load (1, 4, 16 concurrent clients; batched vs one request at a time), on the
+# `make train` adapter; prints a Markdown table (~7 min here).
+bench-serve: venv
+	$(PYTHON) -m bench.serving --adapter outputs/lora_r$(RANK)
 
 # Rebuild the embedded corpus data/python_pairs.parquet (and data/NOTICE) from the pinned packages in
 # requirements-data.txt, in a virtualenv of its own so the mined packages never enter .venv.

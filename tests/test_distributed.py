@@ -115,3 +115,11 @@ def test_a_rank_that_cannot_start_stops_the_others_with_one_line(tiny_setup, tmp
     assert len(ours) == 1 and f"{out} is in use by another training run (pid {os.getpid()})" in ours[0]
     workers_part = result.stderr.split("torch/distributed/elastic")[0]  # torchrun's own failure report follows
     assert ours[0] in workers_part and "Traceback" not in workers_part
+
+
+def test_qlora_runs_under_torchrun_too(tiny_setup, tmp_path):  # noqa: F811
+    config = tiny_config(tiny_setup, tmp_path / "qlora", batch_size=1, qlora=True, max_steps=2)
+    result = torchrun(["train.py"], config)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((Path(config.out) / "train_summary.json").read_text())
+    assert summary["steps"] == 2 and summary["qlora"] and summary["processes"] == 2
