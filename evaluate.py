@@ -48,7 +48,7 @@ from eval_report import Rate, Report, count_passed, markdown_table, plot, write_
 from files import FileError, check_writable, read_jsonl, write_jsonl
 from generate import GenerationSettings, add_anti_repetition_options
 from lora import AdapterError, read_adapter_config
-from options import COUNT, DEVICE, POSITIVE
+from options import COUNT, DEVICE, POSITIVE, add_model_option
 from sandbox import Limits, Outcome, run_programs
 
 OUTPUTS = Path("outputs")
@@ -257,8 +257,7 @@ def _parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", default=models.EMBEDDED_MODEL,
-                        help="base model: 'embedded' (Gemma 3 270M, the default), a Hugging Face id or a local folder")
+    add_model_option(parser)
     parser.add_argument("--adapters", nargs="*", metavar="DIR",
                         help="adapter folders to evaluate (default: every folder under --outputs holding an "
                              "adapter_config.json)")

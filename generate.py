@@ -28,7 +28,7 @@ from transformers.generation.streamers import BaseStreamer
 import models
 from chat_format import STOP_MARKERS, extract_code, user_turn
 from lora import AdapterError, load_adapter, read_adapter_config
-from options import COUNT, DEVICE, NON_NEGATIVE, NON_NEGATIVE_INT, PROBABILITY, ranged
+from options import COUNT, DEVICE, NON_NEGATIVE, NON_NEGATIVE_INT, PROBABILITY, add_model_option, ranged
 from files import FileError, check_writable, read_jsonl, write_jsonl
 from training_log import trained_on_nf4
 
@@ -232,8 +232,7 @@ def _parser() -> argparse.ArgumentParser:
                            "or 'prompt' for raw text sent without a chat turn; other fields are copied")
     parser.add_argument("--output", metavar="OUT.jsonl", help="batch mode: where to write the answers "
                         "(each input line plus 'response', 'code' and 'new_tokens')")
-    parser.add_argument("--model", default=models.EMBEDDED_MODEL,
-                        help="base model: 'embedded' (Gemma 3 270M, the default), a Hugging Face id or a local folder")
+    add_model_option(parser)
     parser.add_argument("--adapter", metavar="DIR", help="LoRA adapter folder (ours or written by PEFT)")
     parser.add_argument("--max-new-tokens", type=COUNT, default=GenerationSettings.max_new_tokens,
                         help="answer length limit (default: %(default)s)")

@@ -50,3 +50,9 @@ def DEVICE(text: str) -> str:  # noqa: N802  (named like the other argument type
     except models.ModelLoadError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
     return text
+
+
+def add_model_option(parser: argparse.ArgumentParser) -> None:
+    """--model, the same in every command line."""
+    parser.add_argument("--model", default=models.EMBEDDED_MODEL,
+                        help="base model: 'embedded' (Gemma 3 270M, the default), a Hugging Face id or a local folder")

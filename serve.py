@@ -39,7 +39,7 @@ from batcher import BatchScheduler, Job, QueueFull
 from chat_format import conversation, extract_code
 from generate import Completion, GenerationSettings, Generator
 from lora import AdapterError, read_adapter_config
-from options import COUNT, DEVICE, ranged
+from options import COUNT, DEVICE, add_model_option, ranged
 
 BASE = "base"
 DEFAULT_MAX_TOKENS = GenerationSettings.max_new_tokens
@@ -362,8 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=models.EMBEDDED_MODEL,
-                        help="base model: 'embedded' (Gemma 3 270M, the default), a Hugging Face id or a local folder")
+    add_model_option(parser)
     parser.add_argument("--adapter", action="append", metavar="NAME=DIR",
                         help="serve this adapter as model NAME (repeatable; default: every adapter under --outputs, "
                              "named after its folder)")

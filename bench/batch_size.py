@@ -14,8 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-import models
-from options import DEVICE
+from options import DEVICE, add_model_option
 from bench.generation import held_out_prompts, timed
 from generate import GenerationSettings, Generator
 
@@ -39,7 +38,7 @@ def measure_batch_sizes(generator: Generator, prompts: list[str], batch_sizes: l
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=models.EMBEDDED_MODEL)
+    add_model_option(parser)
     parser.add_argument("--adapter", help="adapter folder (a QLoRA one meets its NF4 base, as in make eval)")
     parser.add_argument("--dataset", default="default", help="where the held-out prompts come from")
     parser.add_argument("--prompts", type=int, default=64, help="held-out prompts (default: %(default)s)")

@@ -18,12 +18,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import models
 import serve
 from batcher import BatchScheduler
 from bench.generation import held_out_instructions
 from generate import Generator
-from options import DEVICE
+from options import DEVICE, add_model_option
 
 
 def run_clients(port: int, model: str, instructions: list[str], clients: int, per_client: int,
@@ -92,7 +91,7 @@ def markdown(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=models.EMBEDDED_MODEL)
+    add_model_option(parser)
     parser.add_argument("--adapter", help="serve this adapter (default: the base model)")
     parser.add_argument("--dataset", default="default", help="where the held-out instructions come from")
     parser.add_argument("--clients", default="1,4,16", help="concurrent clients, comma-separated (default: %(default)s)")
