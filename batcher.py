@@ -163,7 +163,7 @@ class _RowStreamer(BaseStreamer):
                 feed.push(token)
 
     def end(self) -> None:
-        pass
+        """Nothing is held here: each feed gets the completion's final text when the batch returns."""
 
 
 @dataclass

@@ -155,11 +155,11 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scaler, rngs: list[d
             "optimizer_param_groups": groups, "grad_scaler": scaler.state_dict(),
         }
         for rank, rng in enumerate(rngs):
-            prefix = _rng_prefix(rank)
+            prefix, python_key = _rng_names(rank)
             tensors[f"{prefix}torch"] = rng["torch"]
             for index, cuda_state in enumerate(rng.get("cuda", [])):
                 tensors[f"{prefix}cuda.{index}"] = cuda_state
-            state[f"python_{prefix}".rstrip(".")] = _python_rng_to_json(rng["python"])
+            state[python_key] = _python_rng_to_json(rng["python"])
         atomic_write(staging / "trainer_state.safetensors", lambda path: save_file(tensors, path))
         atomic_write(staging / "state.json", lambda path: Path(path).write_text(json.dumps(state, indent=1)))
         final = out / f"checkpoint-{step:06d}"
@@ -182,9 +182,9 @@ def load_checkpoint(directory: Path, model, optimizer, scaler, rank: int = 0) ->
         scaler.load_state_dict(state["grad_scaler"])
     except (OSError, SafetensorError, AdapterError, KeyError, ValueError) as error:
         raise _damaged(directory, error) from None
-    prefix = _rng_prefix(rank)
+    prefix, python_key = _rng_names(rank)
     try:
-        rng = {"python": _python_rng_from_json(state[f"python_{prefix}".rstrip(".")]), "torch": tensors[f"{prefix}torch"]}
+        rng = {"python": _python_rng_from_json(state[python_key]), "torch": tensors[f"{prefix}torch"]}
     except KeyError as error:
         raise _damaged(directory, error) from None
     cuda_states = [tensors[key] for key in sorted(tensors) if key.startswith(f"{prefix}cuda.")]
@@ -193,9 +193,10 @@ def load_checkpoint(directory: Path, model, optimizer, scaler, rank: int = 0) ->
     return state["step"], rng
 
 
-def _rng_prefix(rank: int) -> str:
-    """Rank 0 keeps the single-process names (rng.torch, python_rng), so those checkpoints read as before."""
-    return "rng." if rank == 0 else f"rng{rank}."
+def _rng_names(rank: int) -> tuple[str, str]:
+    """(prefix of a rank's RNG tensors, key of its Python RNG state). Rank 0 keeps the single-process
+    names (rng.torch, python_rng), so those checkpoints read as before."""
+    return ("rng.", "python_rng") if rank == 0 else (f"rng{rank}.", f"python_rng{rank}")
 
 
 def _read_state(directory: Path) -> dict:

@@ -107,7 +107,7 @@ class Generator:
         model = models.load_model(model_name, target, models.pick_compute_dtype(target), nf4=nf4)
         if nf4 and target.type == "cpu":
             # On the CPU bitsandbytes dequantizes each 4-bit weight at every call, then multiplies: doing
-            # it once gives the same numbers bit for bit (tests) and decodes about 4x faster per layer.
+            # it once gives the same numbers bit for bit (tests) without that cost at every decoding step.
             # (On CUDA its fused 4-bit kernels are fast, and the memory saving is the point.)
             from quant import dequantize_decoder_linears
 

@@ -110,12 +110,10 @@ def free_memory_bytes(device: torch.device) -> int | None:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+        lines = Path("/proc/meminfo").read_text().splitlines()
+    except OSError:  # not Linux: no check
+        return None
+    return next((int(line.split()[1]) * 1024 for line in lines if line.startswith("MemAvailable:")), None)
 
 
 def pick_compute_dtype(device: torch.device) -> torch.dtype:

@@ -28,6 +28,7 @@ from transformers import AutoConfig, PreTrainedTokenizerBase
 
 import models
 import train
+import train_step
 from bench.measure import TrainingMeter, useful_step_flops
 from data.dataset import collate, encode_rows, load_rows, split_rows
 from loss import count_supervised
@@ -126,19 +127,19 @@ def random_model_dir() -> Path:
 # ---------------------------------------------------------------------------------- the variants
 
 def run_ours(windows: list[Window], pad_id: int, config: train.TrainConfig, meter: TrainingMeter) -> list[float]:
-    """train.run's optimizer step (train.optimizer_step), without its evaluation and checkpoints;
+    """train.run's optimizer step (train_step.optimizer_step), without its evaluation and checkpoints;
     returns each step's loss."""
     device = meter.device
     dtype = models.pick_compute_dtype(device)
     torch.manual_seed(config.seed)
     model = train.prepare_model(config, device, dtype)
     model.train()
-    parameters, optimizer, scaler = train.make_optimizer(model, config, device, dtype)
+    parameters, optimizer, scaler = train_step.make_optimizer(model, config, device, dtype)
     losses = []
     meter.start()
     for window in windows:
         batches = [collate(micro, pad_id) for micro in window]
-        loss, _, _ = train.optimizer_step(model, parameters, optimizer, scaler, batches, device, dtype,
+        loss, _, _ = train_step.optimizer_step(model, parameters, optimizer, scaler, batches, device, dtype,
                                           config.grad_clip)
         meter.tick()
         losses.append(loss)

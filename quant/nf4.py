@@ -94,18 +94,17 @@ def quantize_decoder_linears(model: nn.Module, compute_dtype: torch.dtype | None
     """
     before = after = 0
     for name in decoder_linear_names(model):
-        parent_name, _, child_name = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        linear = getattr(parent, child_name)
+        linear = model.get_submodule(name)
         before += linear.weight.numel() * linear.weight.element_size()
         quantized = NF4Linear(linear, compute_dtype)
         after += quantized.storage_bytes()
-        setattr(parent, child_name, quantized)
+        replace_module(model, name, quantized)
     return before, after
 
 
-def dequantize_decoder_linears(model: nn.Module) -> int:
-    """Swap every NF4Linear back for a plain nn.Linear holding its dequantized weight; returns how many.
+def dequantize_decoder_linears(model: nn.Module, dtype: torch.dtype | None = None) -> int:
+    """Swap every NF4Linear back for a plain nn.Linear holding its dequantized weight (in `dtype`, by
+    default the compute dtype); returns how many.
 
     The weights keep their 4-bit rounding (what a QLoRA adapter was trained against); only the
     per-call dequantization goes. On the CPU, bitsandbytes computes exactly this (dequantize, then a
@@ -113,6 +112,11 @@ def dequantize_decoder_linears(model: nn.Module) -> int:
     """
     swapped = [(name, module) for name, module in model.named_modules() if isinstance(module, NF4Linear)]
     for name, module in swapped:
-        parent_name, _, child_name = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child_name, module.to_linear())
+        replace_module(model, name, module.to_linear(dtype))
     return len(swapped)
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` where the submodule `name` (dotted path) is."""
+    parent_name, _, child_name = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child_name, module)

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
+import train_step
 import training_log
 from checkpoint import CheckpointError, checkpoint_dirs, hold_output_folder
 from loss import count_supervised, supervised_loss_sum
@@ -75,7 +76,7 @@ def test_accumulation_4x4_gives_the_same_gradient_as_16x1():
                 torch.nn.init.normal_(parameter, std=0.1, generator=torch.Generator().manual_seed(1))
         batches = [collate(examples[i:i + micro_batch], tokenizer.pad_token_id) for i in range(0, 16, micro_batch)]
         scaler = torch.amp.GradScaler("cpu", enabled=False)
-        train.accumulate_gradients(model, batches, torch.device("cpu"), torch.float32, scaler)
+        train_step.accumulate_gradients(model, batches, torch.device("cpu"), torch.float32, scaler)
         gradients.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     assert gradients[0].keys() == gradients[1].keys()
     for name in gradients[0]:

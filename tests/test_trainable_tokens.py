@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, Gemma3ForCausalLM
 
 import train
+import train_step
 from loss import supervised_loss_sum
 from conftest import build_tiny_model, make_tiny_tokenizer, tiny_gemma3_config
 from data.dataset import collate
@@ -119,16 +120,16 @@ def test_training_changes_only_the_chosen_rows(kind):
     inject_lora(model, LoRAConfig(rank=4, alpha=8.0, dropout=0.0))
     inject_trainable_tokens(model, TOKEN_IDS)
     settings = train.TrainConfig(lr=1e-2, token_lr_scale=2.0)
-    parameters, optimizer, scaler = train.make_optimizer(model, settings, torch.device("cpu"), torch.float32)
+    parameters, optimizer, scaler = train_step.make_optimizer(model, settings, torch.device("cpu"), torch.float32)
     assert [group["lr_scale"] for group in optimizer.param_groups] == [1.0, 2.0]
     assert optimizer.param_groups[1]["weight_decay"] == 0.0
-    train.set_learning_rate(optimizer, 1e-2)
+    train_step.set_learning_rate(optimizer, 1e-2)
     assert optimizer.param_groups[1]["lr"] == pytest.approx(2e-2)
     text = "<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\nok<end_of_turn>"
     ids = tokenizer(text).input_ids
     batch = collate([{"input_ids": ids, "labels": ids}], tokenizer.pad_token_id)
     for _ in range(3):
-        train.optimizer_step(model, parameters, optimizer, scaler, [batch], torch.device("cpu"), torch.float32, 1.0)
+        train_step.optimizer_step(model, parameters, optimizer, scaler, [batch], torch.device("cpu"), torch.float32, 1.0)
     assert torch.equal(model.get_input_embeddings().weight, original), "the base table stays frozen"
     merge_token_rows(model)
     changed = (model.get_input_embeddings().weight != original).any(dim=1).nonzero().flatten().tolist()

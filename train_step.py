@@ -1,0 +1,97 @@
+"""One optimizer step of train.py's loop, and the held-out loss: mixed precision, the loss averaged per
+supervised token over the whole accumulation window (and over all ranks under torchrun), AdamW with
+its parameter groups, clipping."""
+
+from __future__ import annotations
+
+import torch
+
+from data.dataset import IGNORE_INDEX
+from distributed import SINGLE_PROCESS, World, sum_gradients, sum_over_ranks
+from lora import token_rows
+from loss import count_supervised, decoder_hidden, loss_sum_at, supervised_loss_sum
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision in `dtype`; float32 means none (autocast has no float32 mode)."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def accumulate_gradients(model, batches: list[dict], device: torch.device, dtype: torch.dtype,
+                         scaler: torch.amp.GradScaler, world: World = SINGLE_PROCESS) -> tuple[float, int]:
+    """Backward over this rank's micro-batches of one optimizer step; returns (window loss, supervised
+    tokens), both over the whole window (all ranks).
+
+    The loss is averaged per supervised token over the whole window, which makes batch 4 x
+    accumulation 4 the same gradient as batch 16 x 1 (a mean of per-micro-batch means would not be),
+    and N ranks the same as one (distributed.py).
+    """
+    local_tokens = sum(count_supervised(batch) for batch in batches)
+    window_tokens = int(sum_over_ranks(world, [local_tokens])[0])
+    loss_value = 0.0
+    for batch in batches:
+        batch = {key: value.to(device) for key, value in batch.items()}
+        with autocast(device, dtype):
+            loss = supervised_loss_sum(model, batch) / window_tokens
+        scaler.scale(loss).backward()
+        loss_value += loss.item()
+    return sum_over_ranks(world, [loss_value])[0], window_tokens
+
+
+def make_optimizer(model, config, device: torch.device, dtype: torch.dtype):
+    """(trainable parameters, AdamW over them, GradScaler: active only for float16); `config` is a
+    train.TrainConfig (lr, weight_decay, token_lr_scale).
+
+    LoRA matrices and trainable token rows are separate groups, each with an `lr_scale` that the
+    schedule's rate is multiplied by. Token rows get no weight decay: they are whole rows, not
+    differences, and decay would pull them towards zero rather than towards the base model's row.
+    """
+    found = token_rows(model)
+    rows = [found[1].trainable_tokens_delta] if found else []
+    lora = [p for p in model.parameters() if p.requires_grad and not any(p is row for row in rows)]
+    groups = [{"params": lora, "weight_decay": config.weight_decay, "lr_scale": 1.0}]
+    if rows:
+        groups.append({"params": rows, "weight_decay": 0.0, "lr_scale": config.token_lr_scale})
+    optimizer = torch.optim.AdamW(groups, lr=config.lr)
+    return lora + rows, optimizer, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+def set_learning_rate(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def optimizer_step(model, parameters: list, optimizer, scaler, batches: list[dict], device: torch.device,
+                   dtype: torch.dtype, grad_clip: float, world: World = SINGLE_PROCESS) -> tuple[float, int, float]:
+    """One optimizer step over its micro-batches; returns (loss, supervised tokens, gradient norm)."""
+    loss, tokens = accumulate_gradients(model, batches, device, dtype, scaler, world)
+    sum_gradients(world, parameters)  # every rank now holds the whole window's gradient
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, grad_clip).item()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, tokens, grad_norm
+
+
+def held_out_losses(model, batches: list[dict], device: torch.device, dtype: torch.dtype,
+                    world: World = SINGLE_PROCESS) -> dict[str, float]:
+    """Mean loss per supervised token, and the mean loss of each row's last label alone (the closing
+    `<end_of_turn>`: whether the model knows where its answer ends). Each rank takes its share of
+    the batches; the sums are added up across ranks, so every row counts once."""
+    model.eval()
+    loss = end_loss = tokens = rows = 0.0
+    with torch.no_grad(), autocast(device, dtype):
+        for batch in batches[world.rank::world.size]:
+            batch = {key: value.to(device) for key, value in batch.items()}
+            hidden = decoder_hidden(model, batch)
+            targets = batch["labels"][:, 1:]
+            supervised = targets != IGNORE_INDEX
+            last = supervised & ~torch.nn.functional.pad(supervised[:, 1:], (0, 1))
+            loss += loss_sum_at(model, hidden, targets, supervised).item()
+            end_loss += loss_sum_at(model, hidden, targets, last).item()
+            tokens += int(supervised.sum())
+            rows += int(last.sum())
+    model.train()
+    loss, end_loss, tokens, rows = sum_over_ranks(world, [loss, end_loss, tokens, rows])
+    return {"held_out_loss": loss / max(tokens, 1), "held_out_end_loss": end_loss / max(rows, 1)}
