@@ -19,7 +19,7 @@ TRAINER = $(if $(NPROC),.venv/bin/torchrun --standalone --nproc-per-node $(NPROC
 TRAIN_FLAGS = --model $(MODEL) --dataset $(DATASET) --rank $(RANK) \
 	$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(MAX_STEPS),--max-steps $(MAX_STEPS)) $(if $(OUT),--out $(OUT))
 
-.PHONY: venv test train qlora eval serve bench bench-serve data
+.PHONY: venv test train qlora eval sweep serve bench bench-serve data
 
 venv: .venv/.runtime-installed
 
@@ -49,6 +49,12 @@ qlora: venv
 # (written to model_comparison_limitN.* beside them).
 eval: venv
 	$(PYTHON) evaluate.py --model $(MODEL) --dataset $(DATASET) $(if $(LIMIT),--limit $(LIMIT))
+
+# The study's experiment: LoRA r=8/16/32 and QLoRA r=16 on one recipe (train.py's defaults), evaluated with
+# the base model, compared in pairs (exact McNemar) -> outputs/model_comparison.*, outputs/paired_tests.md,
+# outputs/training_curves.png. Hours on a CPU; stop it any time, run it again to go on (sweep.py).
+sweep: venv
+	$(PYTHON) sweep.py --model $(MODEL) --dataset $(DATASET) $(if $(LIMIT),--limit $(LIMIT))
 
 # OpenAI-compatible HTTP server on 127.0.0.1:$(PORT): the base model and every adapter under outputs/.
 serve: venv

@@ -23,6 +23,12 @@ RATE_LABELS = {
     "defines_function": ("defines", "defines function"),
 }
 
+# CSV column -> the key of train_summary.json it copies (empty for models train.py did not train).
+TRAINING_COLUMNS = {
+    "trainable_params": "trainable_params", "train_wall_s": "wall_s", "train_tokens_per_s": "tokens_per_s",
+    "train_peak_memory_gb": "peak_memory_gb", "held_out_loss": "held_out_loss_after",
+}
+
 
 def wilson_interval(successes: int, total: int, z: float = Z_95) -> tuple[float, float]:
     """95% Wilson score interval of a rate; unlike the normal approximation it stays inside
@@ -75,6 +81,7 @@ class Report:
     ended: Rate
     defines: Rate  # held-out rows with an entry point whose answer parses and defines it
     generation: GenerationStats = field(default_factory=GenerationStats)
+    training: dict = field(default_factory=dict)  # the adapter's train_summary.json ({} for base, reference)
 
     def csv_row(self) -> dict:
         # The study's columns first; the syntax rate's own entry below then only adds its interval.
@@ -87,7 +94,7 @@ class Report:
                     f"{name}_n": rate.total}
         row |= {"generated_tokens": self.generation.new_tokens, "generation_s": round(self.generation.seconds, 1),
                 "tokens_per_s": round(self.generation.tokens_per_second, 1)}
-        return row
+        return row | {column: self.training.get(key) for column, key in TRAINING_COLUMNS.items()}
 
     def rates(self) -> dict[str, Rate]:
         """CSV column name -> rate, in the order of RATE_LABELS."""
@@ -103,7 +110,19 @@ def markdown_table(reports: Sequence[Report]) -> str:
         lines.append(f"| {report.label} | {report.syntax} | {report.defines} | {report.bleu_mean:.2f} ± {report.bleu_std:.2f} | "
                      f"{report.corpus_bleu:.2f} | {report.humaneval_chat} | {report.humaneval_raw} | "
                      f"{report.held_out_pass} | {report.ended} | {speed} |")
+    trained = [report for report in reports if report.training]
+    if trained:
+        lines += ["", "| model | trainable params | training wall time | training tokens/s | peak memory | "
+                      "held-out loss before -> after |", "|---|---|---|---|---|---|"]
+        lines += [_training_row(report.label, report.training) for report in trained]
     return "\n".join(lines) + "\n"
+
+
+def _training_row(label: str, summary: dict) -> str:
+    minutes, seconds = divmod(round(summary.get("wall_s") or 0), 60)
+    return (f"| {label} | {summary.get('trainable_params', 0):,} | {minutes}m{seconds:02d}s | "
+            f"{summary.get('tokens_per_s')} | {summary.get('peak_memory_gb')} GB | "
+            f"{summary.get('held_out_loss_before', float('nan')):.4f} -> {summary.get('held_out_loss_after', float('nan')):.4f} |")
 
 
 def write_csv(path: Path, reports: Sequence[Report]) -> None:

@@ -50,6 +50,7 @@ from generate import GenerationSettings, add_anti_repetition_options
 from lora import AdapterError, read_adapter_config
 from options import COUNT, DEVICE, POSITIVE, add_model_option
 from sandbox import Limits, Outcome, run_programs
+from training_log import read_summary
 
 OUTPUTS = Path("outputs")
 HUMANEVAL_INSTRUCTION = "Complete the following Python function."
@@ -307,6 +308,7 @@ def evaluate_models(args: argparse.Namespace, limits: Limits) -> None:
         report = score(spec.label, str(spec.adapter or ""), tasks, model_answers(generator, tasks), limits,
                        args.workers, details)
         report.generation = generator.stats
+        report.training = read_summary(spec.adapter) if spec.adapter else {}
         reports.append(report)
         print(f"{spec.label}: evaluated in {time.perf_counter() - started:.0f} s; generated "
               f"{generator.stats.new_tokens} new tokens in {generator.stats.seconds:.0f} s "
@@ -328,6 +330,7 @@ def model_specs(model: str, outputs: Path, adapters: Sequence[str] | None, skip_
         folders = [Path(adapter) for adapter in adapters]
     for folder in folders:
         read_adapter_config(folder)  # a bad adapter fails now, not after the models before it ran
+        read_summary(folder)
     labels = [folder.name for folder in folders]
     if len(set(labels)) != len(labels) or "base" in labels or "reference" in labels:
         raise EvaluateError(f"adapter folder names must be unique and not 'base' or 'reference': {labels}")

@@ -19,6 +19,7 @@ import torch
 import models
 from files import FileError, check_writable
 from lora import AdapterError, export_merged, load_adapter
+from options import add_model_option
 from training_log import trained_on_nf4
 
 
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("adapter", help="adapter folder (ours or PEFT's)")
     parser.add_argument("out", help="new folder for the merged model")
-    parser.add_argument("--model", default=models.EMBEDDED_MODEL, help="base model id or folder (default: %(default)s)")
+    add_model_option(parser)
     parser.add_argument("--nf4", action="store_true",
                         help="the adapter was trained on an NF4 base (automatic for adapters from make qlora)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],

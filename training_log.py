@@ -10,8 +10,12 @@ from pathlib import Path
 
 import torch
 
+from files import FileError
+
 # train.py writes its settings here, beside the adapter; "qlora": true means it was trained on an NF4 base.
 TRAINING_CONFIG_NAME = "train_config.json"
+# ... and, once the run has finished, its summary (wall time, tokens/s, peak memory, losses).
+SUMMARY_NAME = "train_summary.json"
 
 
 def write_settings(out: Path, settings: dict) -> None:
@@ -27,6 +31,20 @@ def trained_on_nf4(directory: str | Path) -> bool:
     except (OSError, json.JSONDecodeError, AttributeError):
         return False
 
+
+def read_summary(directory: str | Path) -> dict:
+    """A finished run's summary; {} when there is none (an adapter from elsewhere, a run not finished).
+    A damaged one is a FileError naming the file."""
+    path = Path(directory) / SUMMARY_NAME
+    if not path.exists():
+        return {}
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise FileError(f"cannot read {path}: {error}") from None
+    if not isinstance(summary, dict):
+        raise FileError(f"{path} is not a training summary (a JSON object)")
+    return summary
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -70,21 +88,29 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def plot_losses(history: list[dict], path: Path) -> None:
+    plot_training_curves({"": history}, path)
+
+
+def plot_training_curves(runs: dict[str, list[dict]], path: Path) -> None:
+    """Train loss per step (faint) and held-out loss (dots) of one or several runs on one figure,
+    one colour per run; `runs` maps a run's name ("" for a lone run) to its metrics.jsonl entries."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [(e["step"], e["loss"]) for e in history if "loss" in e]
-    held = [(e["step"], e["held_out_loss"]) for e in history if "held_out_loss" in e]
-    figure, axes = plt.subplots(figsize=(7, 4))
-    if train:
-        axes.plot(*zip(*train), label="train (per step)", alpha=0.6)
-    if held:
-        axes.plot(*zip(*held), "o-", label="held-out")
+    figure, axes = plt.subplots(figsize=(7, 4) if len(runs) == 1 else (9, 5))
+    for index, (name, history) in enumerate(runs.items()):
+        colour, prefix = f"C{index}", f"{name}: " if name else ""
+        train = [(e["step"], e["loss"]) for e in history if "loss" in e]
+        held = [(e["step"], e["held_out_loss"]) for e in history if "held_out_loss" in e]
+        if train:
+            axes.plot(*zip(*train), color=colour, alpha=0.35, label=f"{prefix}train (per step)")
+        if held:
+            axes.plot(*zip(*held), "o-", color=colour, label=f"{prefix}held-out")
     axes.set_xlabel("optimizer step")
     axes.set_ylabel("loss per supervised token")
-    axes.legend()
+    axes.legend(fontsize="small" if len(runs) > 1 else None)
     axes.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
