@@ -287,6 +287,8 @@ def _train(run: Training, after_step: Callable[[int], None] | None) -> dict | No
             write_settings(out, settings)
         else:
             history = truncate_metrics(metrics_path, run.start_step)  # without lines written after the checkpoint
+    # A resumed run's wall time adds this sitting to the earlier ones (up to their last checkpoint).
+    earlier_s = max((entry.get("wall_s", 0.0) for entry in history), default=0.0)
     model.train()
     if run.start_step == 0:
         losses = held_out_losses(model, run.eval_batches, device, dtype, world)
@@ -319,7 +321,7 @@ def _train(run: Training, after_step: Callable[[int], None] | None) -> dict | No
                 record(metrics_path, history, {
                     "step": completed, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                     "supervised_tokens": window_tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-                    "peak_memory_gb": peak_memory_bytes(device) / 1e9})
+                    "peak_memory_gb": peak_memory_bytes(device) / 1e9, "wall_s": earlier_s + time.time() - run.started})
             progress.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens / seconds:.0f}")
             progress.update(1)
             if completed % config.eval_every == 0 or completed == run.total_steps:
@@ -344,7 +346,7 @@ def _train(run: Training, after_step: Callable[[int], None] | None) -> dict | No
         return None
     save_adapter(model, out, run.lora)
     plot_losses(history, out / "training_loss.png")
-    summary = summarize(model, history, time.time() - run.started, peak_memory_bytes(device), run.dropped,
+    summary = summarize(model, history, earlier_s + time.time() - run.started, peak_memory_bytes(device), run.dropped,
                         {"epochs": config.epochs, "max_length": config.max_length, "qlora": config.qlora,
                          "processes": world.size})
     (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")

@@ -167,6 +167,23 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tiny_setup, tmp_path):
     assert_same_adapter(tmp_path / "straight", tmp_path / "interrupted")
 
 
+def test_a_resumed_run_s_wall_time_adds_the_earlier_sittings(tiny_setup, tmp_path):
+    out = tmp_path / "two_sittings"
+    with pytest.raises(train.TrainError):
+        train.run(tiny_config(tiny_setup, out), after_step=interrupt_at(3))
+    metrics = out / "metrics.jsonl"
+    entries = [json.loads(line) for line in metrics.read_text().splitlines()]
+    for entry in entries:  # as if the first sitting had taken an hour
+        if "wall_s" in entry:
+            entry["wall_s"] += 3600.0
+    metrics.write_text("".join(json.dumps(entry) + "\n" for entry in entries))
+    summary = train.run(tiny_config(tiny_setup, out))
+    walls = [json.loads(line).get("wall_s") for line in metrics.read_text().splitlines()]
+    steps = [wall for wall in walls if wall is not None]
+    assert len(steps) == 6 and steps == sorted(steps) and 3600 < steps[3] < 3600 + 60
+    assert steps[-1] <= summary["wall_s"] < 3600 + 60
+
+
 def test_resume_with_a_changed_config_is_refused_unless_overwrite(tiny_setup, tmp_path):
     out = tmp_path / "run"
     train.run(tiny_config(tiny_setup, out, max_steps=2))
