@@ -8,11 +8,15 @@ a fair coin, so with b items won by A and c by B the two-sided exact p-value is
     p = min(1, 2 * P(X <= min(b, c))),   X ~ Binomial(b + c, 1/2).
 
 The per-item outcomes come from evaluate.py's eval_samples/<model>.jsonl files.
+
+    python paired_tests.py lora_r16 qlora_r16 [--samples outputs/eval_samples]
 """
 
 from __future__ import annotations
 
+import argparse
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,3 +91,23 @@ def markdown(results: list[PairedResult]) -> str:
                      f"{result.b_passed}/{result.items} | {result.only_a} | {result.only_b} | {result.p_value:.3g} | "
                      f"{result.in_words()} |")
     return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model_a", help="a model's label in the evaluation (base, or an adapter folder's name)")
+    parser.add_argument("model_b", help="the other model's label")
+    parser.add_argument("--samples", default="outputs/eval_samples",
+                        help="evaluate.py's per-sample folder (default: %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        results = [compare(Path(args.samples), args.model_a, args.model_b, measure) for measure in MEASURES]
+    except FileError as error:
+        print(f"paired_tests.py: error: {error}", file=sys.stderr)
+        return 2
+    print(markdown(results), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

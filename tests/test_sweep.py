@@ -54,6 +54,16 @@ def test_paired_outcomes_count_the_discordant_items(tmp_path):
     assert table.count("\n") == 4 and "| syntax valid | a | b | 12/15 | 2/15 | 10 | 0 |" in table
 
 
+def test_the_command_line_prints_both_measures_and_names_a_missing_model(tmp_path, capsys):
+    write_samples(tmp_path / "a.jsonl", [True, False], [True])
+    write_samples(tmp_path / "b.jsonl", [False, False], [True])
+    assert paired_tests.main(["a", "b", "--samples", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.count("| a | b |") == 2
+    assert paired_tests.main(["a", "c", "--samples", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("paired_tests.py: error: cannot read ") and "c.jsonl" in error and error.count("\n") == 1
+
+
 def test_models_scored_on_different_items_are_refused(tmp_path):
     write_samples(tmp_path / "a.jsonl", [True] * 5, [True])
     write_samples(tmp_path / "b.jsonl", [True] * 4, [True])
