@@ -28,7 +28,7 @@ from transformers.generation.streamers import BaseStreamer
 import models
 from chat_format import STOP_MARKERS, extract_code, user_turn
 from lora import AdapterError, load_adapter, read_adapter_config
-from options import COUNT, DEVICE, NON_NEGATIVE, NON_NEGATIVE_INT, PROBABILITY, add_model_option, ranged
+from options import COUNT, DEVICE, NON_NEGATIVE, NON_NEGATIVE_INT, PROBABILITY, SEED, add_model_option, ranged
 from files import FileError, check_writable, read_jsonl, write_jsonl
 from training_log import trained_on_nf4
 
@@ -239,7 +239,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=NON_NEGATIVE, default=0.0, help="0 (the default) decodes greedily")
     parser.add_argument("--top-p", type=PROBABILITY, default=1.0,
                         help="nucleus sampling, with --temperature (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: %(default)s)")
+    parser.add_argument("--seed", type=SEED, default=0, help="random seed for sampling (default: %(default)s)")
     add_anti_repetition_options(parser)
     parser.add_argument("--batch-size", type=COUNT, default=16,
                         help="prompts generated together in batch mode (default: %(default)s)")

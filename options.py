@@ -31,8 +31,8 @@ def ranged(kind: type, low: float | None = None, high: float | None = None,
 
 def _describe(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
     if high is None:
-        return f"{'>' if low_open else '>='} {low:g}"
-    return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        return f"{'>' if low_open else '>='} {low}"
+    return f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
 
 
 COUNT = ranged(int, 1)  # 1, 2, 3, ...
@@ -41,6 +41,7 @@ POSITIVE = ranged(float, 0, low_open=True)
 NON_NEGATIVE = ranged(float, 0)
 PROBABILITY = ranged(float, 0, 1, low_open=True)  # (0, 1]
 DROPOUT = ranged(float, 0, 1, high_open=True)  # [0, 1)
+SEED = ranged(int, 0, 2**32 - 1)  # what every random generator involved accepts
 
 
 def DEVICE(text: str) -> str:  # noqa: N802  (named like the other argument types)

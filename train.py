@@ -42,7 +42,7 @@ from lora import (
     ATTENTION_MODULES, AdapterError, LoRAConfig, describe_token_rows, inject_lora, inject_trainable_tokens,
     lora_parameter_count, parse_target_modules, save_adapter, trainable_report,
 )
-from options import COUNT, DEVICE, DROPOUT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE
+from options import COUNT, DEVICE, DROPOUT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, SEED
 from train_step import held_out_losses, make_optimizer, optimizer_step, set_learning_rate
 from training_log import (
     SUMMARY_NAME, peak_memory_bytes, plot_losses, record, summarize, summary_line, truncate_metrics, write_settings,
@@ -391,7 +391,7 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
     add("--max-length", type=COUNT, default=None,
         help=f"drop longer rows (default: {STUDY_MAX_LENGTH}; {EMBEDDED_CPU_MAX_LENGTH} for the embedded defaults on a CPU)")
     add("--grad-clip", type=POSITIVE, default=defaults.grad_clip, help="gradient norm clip (default: %(default)s)")
-    add("--seed", type=int, default=defaults.seed, help="seed for init, dropout and data order (default: %(default)s)")
+    add("--seed", type=SEED, default=defaults.seed, help="seed for init, dropout and data order (default: %(default)s)")
     add("--save-every", type=COUNT, default=defaults.save_every, help="checkpoint every N steps (default: %(default)s)")
     add("--eval-every", type=COUNT, default=defaults.eval_every, help="held-out loss every N steps (default: %(default)s)")
     add("--eval-rows", type=COUNT, default=defaults.eval_rows, help="held-out rows for the loss (default: %(default)s)")

@@ -31,6 +31,8 @@ def test_ranged_types_check_both_ends():
     (evaluate._parser().parse_args, ["--device", "foo"], "argument --device: unknown device 'foo'"),
     (generate._parser().parse_args, ["--prompt", "x", "--device", "cuda:7"], "argument --device: device 'cuda:7'"),
     (train.parse_args, ["--device", "gpu"], "argument --device: unknown device 'gpu'"),
+    (train.parse_args, ["--seed", str(2**70)], f"argument --seed: must be in [0, {2**32 - 1}], got {2**70}"),
+    (generate._parser().parse_args, ["--prompt", "x", "--seed", "-1"], "argument --seed: must be in [0, "),
 ])
 def test_out_of_range_options_exit_2_with_one_line(capsys, parse, args, message):
     with pytest.raises(SystemExit) as exit_:
