@@ -32,8 +32,9 @@ from lora import LoRAConfig, save_adapter
 from lora.adapter import WEIGHTS_NAME, AdapterError, atomic_write, load_adapter_tensors, read_adapter_weights
 
 STATE_KEYS = ("step", "config", "data_fingerprint", "optimizer_param_groups", "grad_scaler", "python_rng")
-# Settings that may change between a run and its resumption without changing the result.
-RESUMABLE_CHANGES = {"out", "save_every", "eval_every", "overwrite", "device"}
+# Settings that may change between a run and its resumption without changing what is trained (compile
+# and gradient checkpointing change speed and memory, and the float rounding at most).
+RESUMABLE_CHANGES = {"out", "save_every", "eval_every", "overwrite", "device", "compile", "gradient_checkpointing"}
 # Settings recorded since a later version, with the value that a checkpoint written before implies.
 ADDED_SETTINGS = {"world_size": 1}
 

@@ -40,7 +40,7 @@ from training_log import TRAINING_CONFIG_NAME, plot_training_curves, read_metric
 
 HERE = Path(__file__).resolve().parent
 # Settings that say where or how a run was started, not what it trained.
-NOT_RECIPE = {"out", "overwrite", "device", "world_size"}
+NOT_RECIPE = {"out", "overwrite", "device", "world_size", "compile", "gradient_checkpointing"}
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,8 @@ class TrainConfig:
     trainable_tokens: str = "auto"  # "auto" (the turn markers), "none", or token strings / ids, comma-separated
     token_lr_scale: float = 10.0  # the token rows' learning rate = this x the LoRA one (chosen by measurement: README)
     qlora: bool = False
+    compile: bool | None = None  # compile each decoder layer; None: on CUDA only (README: measured on the CPU)
+    gradient_checkpointing: bool = False  # recompute each decoder layer's activations in the backward pass
     batch_size: int = 4
     grad_accum: int = 4
     lr: float = 2.5e-4
@@ -103,6 +105,7 @@ def resolve_defaults(config: TrainConfig, device: torch.device) -> TrainConfig:
     return dataclasses.replace(
         config,
         alpha=config.alpha if config.alpha is not None else 2.0 * config.rank,
+        compile=config.compile if config.compile is not None else device.type == "cuda",
         epochs=config.epochs or (EMBEDDED_CPU_EPOCHS if embedded_on_cpu else STUDY_EPOCHS),
         max_length=config.max_length or (EMBEDDED_CPU_MAX_LENGTH if embedded_on_cpu else STUDY_MAX_LENGTH),
     )
@@ -137,7 +140,23 @@ def prepare_model(config: TrainConfig, device: torch.device, dtype: torch.dtype,
     inject_lora(model, lora)
     if token_ids:
         inject_trainable_tokens(model, token_ids)
+    apply_speed_options(model, compile_layers=config.compile, checkpoint_layers=config.gradient_checkpointing)
     return model
+
+
+def apply_speed_options(model: torch.nn.Module, compile_layers: bool, checkpoint_layers: bool) -> None:
+    """Options that change speed and memory, not what is computed (up to float rounding).
+
+    checkpoint_layers: keep only each decoder layer's input and recompute the rest in the backward pass
+    (non-reentrant, so the frozen embedding's output needs no requires_grad).
+    compile_layers: torch.compile each decoder layer, LoRA inside it, in place; the loss, embedding and
+    head stay eager. It fuses the elementwise work around the matmuls (norms, casts, GeGLU, LoRA's
+    scaling), which dominates an eager step on a GPU."""
+    if checkpoint_layers:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if compile_layers:
+        for layer in model.model.layers:
+            layer.compile()
 
 
 # Bytes per trainable number: the float32 weight, its gradient and AdamW's two moments.
@@ -378,6 +397,10 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
     add("--token-lr-scale", type=POSITIVE, default=defaults.token_lr_scale,
         help="learning rate of the token rows as a multiple of --lr (default: %(default)s)")
     add("--qlora", action="store_true", help="quantize the decoder's linear layers to NF4 (QLoRA)")
+    add("--compile", action=argparse.BooleanOptionalAction, default=None,
+        help="torch.compile each decoder layer (default: on for CUDA, off on the CPU, where it measured slower: README)")
+    add("--gradient-checkpointing", action="store_true",
+        help="recompute each decoder layer's activations in the backward pass: less memory, more compute")
     add("--batch-size", type=COUNT, default=defaults.batch_size, help="sequences per micro-batch (default: %(default)s)")
     add("--grad-accum", type=COUNT, default=defaults.grad_accum,
         help="micro-batches per optimizer step (default: %(default)s)")

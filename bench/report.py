@@ -12,6 +12,11 @@ LABELS = {
     "qlora": "(2) ours, QLoRA (NF4)",
     "peft-lora": "(3) PEFT + HF Trainer, LoRA",
     "peft-qlora": "(4) PEFT + HF Trainer, bnb 4-bit QLoRA",
+    "lora+compile": "(1c) ours, LoRA, compiled layers",
+    "qlora+compile": "(2c) ours, QLoRA, compiled layers",
+    "peft-lora+compile": "(3c) PEFT + HF Trainer, LoRA, torch_compile=True",
+    "lora+ckpt": "(1g) ours, LoRA, gradient checkpointing",
+    "qlora+ckpt": "(2g) ours, QLoRA, gradient checkpointing",
 }
 GB = 1e9
 
@@ -67,22 +72,39 @@ def training_table(summaries: list[Summary], matmul_flops: float) -> str:
     return "\n".join(lines)
 
 
-def target_lines(summaries: list[Summary]) -> list[str]:
-    """The issue's targets, each with its measured value; targets whose variants were not run are skipped."""
+def target_lines(summaries: list[Summary], matmul_flops: float) -> list[str]:
+    """The issue's targets, each with its measured value; targets whose variants were not run are skipped.
+    "Our LoRA" / "our QLoRA" is the fastest of our variants of it (plain, compiled, checkpointed)."""
     by_name = {s.variant: s for s in summaries}
-    ours, quantized, base = by_name.get("lora"), by_name.get("qlora"), by_name.get(BASELINE)
+    ours = _fastest([s for s in summaries if s.variant.split("+")[0] == "lora"])
+    quantized = _fastest([s for s in summaries if s.variant.split("+")[0] == "qlora"])
+    peft, peft_compiled, peft_quantized = (by_name.get(name) for name in (BASELINE, "peft-lora+compile", "peft-qlora"))
     checks = []
-    if ours and base:
-        speedup = ours.tokens_per_s / base.tokens_per_s
-        memory = ours.peak_run_bytes / base.peak_run_bytes
-        checks += [(f"our LoRA >= 2x the tokens/s of (3): {speedup:.2f}x", speedup >= 2.0),
-                   (f"our LoRA <= 0.7x the peak memory of (3): {memory:.2f}x", memory <= 0.7)]
+    if ours and peft:
+        speedup = ours.tokens_per_s / peft.tokens_per_s
+        checks.append((f"our LoRA ({LABELS[ours.variant]}) >= 2.5x the tokens/s of (3): {speedup:.2f}x", speedup >= 2.5))
+    if ours and peft_compiled:
+        checks.append((f"our LoRA vs (3c), PEFT + Trainer compiled too: {ours.tokens_per_s / peft_compiled.tokens_per_s:.2f}x "
+                       "the tokens/s (no target: the fair peer)", None))
+    if ours:
+        share = ours.flops_per_s / matmul_flops
+        checks.append((f"our LoRA >= 55% of the measured bf16 matmul rate: {100 * share:.1f}%", share >= 0.55))
     if ours and quantized:
         slowdown = quantized.seconds_per_step / ours.seconds_per_step
-        checks += [(f"our QLoRA at most 1.3x slower than our LoRA: {slowdown:.2f}x", slowdown <= 1.3),
-                   (f"our QLoRA uses less peak memory than our LoRA: {quantized.peak_run_bytes / GB:.2f} GB vs "
-                    f"{ours.peak_run_bytes / GB:.2f} GB", quantized.peak_run_bytes < ours.peak_run_bytes)]
-    return [f"- {'met' if met else 'NOT met'}: {text}" for text, met in checks]
+        checks.append((f"our QLoRA ({LABELS[quantized.variant]}) <= 1.2x our LoRA's step time: {slowdown:.2f}x",
+                       slowdown <= 1.2))
+    if peft_quantized:
+        leanest = min((s for s in summaries if s.variant.split("+")[0] == "qlora"), key=lambda s: s.peak_run_bytes,
+                      default=None)
+        if leanest:
+            checks.append((f"our QLoRA ({LABELS[leanest.variant]}) <= the peak memory of (4): "
+                           f"{leanest.peak_run_bytes / GB:.2f} vs {peft_quantized.peak_run_bytes / GB:.2f} GB",
+                           leanest.peak_run_bytes <= peft_quantized.peak_run_bytes))
+    return [f"- {'met' if met else 'NOT met' if met is False else 'for comparison'}: {text}" for text, met in checks]
+
+
+def _fastest(summaries: list[Summary]) -> Summary | None:
+    return max(summaries, key=lambda s: s.tokens_per_s, default=None)
 
 
 def generation_table(result: dict) -> str:

@@ -8,6 +8,10 @@ peak memory), on the same micro-batches in the same order:
                 compute), prepared with peft.prepare_model_for_kbit_training as the study did (which
                 also switches on gradient checkpointing and casts the non-quantized weights to fp32)
 
+and the same with an option: `+compile` (ours: train.py --compile, each decoder layer compiled;
+PEFT: TrainingArguments(torch_compile=True), the switch a Trainer user would flip) or `+ckpt`
+(ours: train.py --gradient-checkpointing).
+
 All use train.TrainConfig's defaults (the study's): LoRA r=16, alpha 32, dropout 0.05 on q/k/v/o,
 batch 4 x accumulation 4, AdamW lr 2.5e-4, weight decay 0.01, clip 1.0. The learning rate is held
 constant (no warmup or decay) in every variant, so the schedules cannot differ.
@@ -33,7 +37,12 @@ from bench.measure import TrainingMeter, useful_step_flops
 from data.dataset import collate, encode_rows, load_rows, split_rows
 from loss import count_supervised
 
-VARIANTS = ("lora", "qlora", "peft-lora", "peft-qlora")
+VARIANTS = ("lora", "qlora", "peft-lora", "peft-qlora", "lora+compile", "qlora+compile", "peft-lora+compile",
+            "lora+ckpt", "qlora+ckpt")
+# What `make bench` runs by default: the CPU has no use for checkpointing (memory is plenty) and
+# compiling QLoRA adds nothing the LoRA row would not show.
+DEFAULT_VARIANTS = {"cpu": ("lora", "qlora", "peft-lora", "peft-qlora", "lora+compile", "peft-lora+compile"),
+                    "cuda": VARIANTS}
 # Random weights with Gemma-2-2B's exact shapes, for GPU runs (no download, no tokenizer needed).
 RANDOM_GEMMA2_2B = "random-gemma-2-2b"
 RANDOM_MODEL_LENGTH = train.STUDY_MAX_LENGTH  # random-model rows are exactly the study's max length
@@ -52,13 +61,16 @@ class BenchSettings:
     warmup_steps: int = 1
     max_length: int | None = None  # None: train.py's default for this model and device
 
-    def train_config(self, qlora: bool) -> train.TrainConfig:
-        """train.py's config with its (the study's) hyper-parameters, resolved for this device."""
+    def train_config(self, variant: str) -> train.TrainConfig:
+        """train.py's config with its (the study's) hyper-parameters for this variant, resolved for this
+        device; compile and checkpointing only where the variant names them."""
         model, max_length = self.model, self.max_length
         if model == RANDOM_GEMMA2_2B:
             model, max_length = str(random_model_dir()), max_length or RANDOM_MODEL_LENGTH
-        config = train.TrainConfig(model=model, dataset=self.dataset, qlora=qlora, device=self.device,
-                                   max_length=max_length)
+        base, _, option = variant.partition("+")
+        config = train.TrainConfig(model=model, dataset=self.dataset, qlora=base.endswith("qlora"), device=self.device,
+                                   max_length=max_length, compile=option == "compile",
+                                   gradient_checkpointing=option == "ckpt")
         return train.resolve_defaults(config, torch.device(self.device))
 
 
@@ -150,8 +162,7 @@ def run_peft(windows: list[Window], tokenizer: PreTrainedTokenizerBase | None, c
              meter: TrainingMeter) -> list[float]:
     """The study's stack: PEFT LoRA trained by transformers.Trainer with its own collator."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import (DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments,
-                              default_data_collator)
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, default_data_collator
 
     device = meter.device
     dtype = models.pick_compute_dtype(device)
@@ -183,18 +194,25 @@ def run_peft(windows: list[Window], tokenizer: PreTrainedTokenizerBase | None, c
                 losses.append(float(logs["loss"]))
 
     with tempfile.TemporaryDirectory() as scratch:
-        arguments = TrainingArguments(
-            output_dir=scratch, max_steps=len(windows), per_device_train_batch_size=config.batch_size,
-            gradient_accumulation_steps=config.grad_accum, learning_rate=config.lr, lr_scheduler_type="constant",
-            weight_decay=config.weight_decay, max_grad_norm=config.grad_clip, optim="adamw_torch",
-            bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, use_cpu=device.type == "cpu",
-            train_sampling_strategy="sequential", logging_steps=1, save_strategy="no", report_to="none",
-            seed=config.seed, disable_tqdm=True, remove_unused_columns=False,
-        )
         rows = [example for window in windows for micro in window for example in micro]
-        Trainer(model=model, args=arguments, train_dataset=rows, data_collator=collator,
-                callbacks=[Timing()]).train()
+        Trainer(model=model, args=trainer_arguments(config, len(windows), device, scratch), train_dataset=rows,
+                data_collator=collator, callbacks=[Timing()]).train()
     return losses
+
+
+def trainer_arguments(config: train.TrainConfig, steps: int, device: torch.device, scratch: str):
+    """The Trainer's settings: train.py's hyper-parameters, a constant rate, nothing saved or reported."""
+    from transformers import TrainingArguments
+
+    dtype = models.pick_compute_dtype(device)
+    return TrainingArguments(
+        output_dir=scratch, max_steps=steps, per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum, learning_rate=config.lr, lr_scheduler_type="constant",
+        weight_decay=config.weight_decay, max_grad_norm=config.grad_clip, optim="adamw_torch",
+        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, use_cpu=device.type == "cpu",
+        train_sampling_strategy="sequential", logging_steps=1, save_strategy="no", report_to="none",
+        seed=config.seed, disable_tqdm=True, remove_unused_columns=False, torch_compile=config.compile,
+    )
 
 
 def load_bitsandbytes_4bit(name: str, device: torch.device, dtype: torch.dtype):
@@ -213,7 +231,7 @@ def load_bitsandbytes_4bit(name: str, device: torch.device, dtype: torch.dtype):
 
 def measure_variant(variant: str, settings: BenchSettings) -> dict:
     """Train `variant` for warmup + timed steps; per-step figures for the report."""
-    config = settings.train_config(qlora=variant.endswith("qlora"))
+    config = settings.train_config(variant)
     windows, pad_id, tokenizer = training_windows(settings, config)
     device = models.pick_device(settings.device)
     meter = TrainingMeter(device)

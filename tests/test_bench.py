@@ -7,12 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import Gemma3TextConfig
 
 from bench.__main__ import merged_report
 from bench.measure import useful_step_flops
 from bench.report import Summary, target_lines, training_table
-from bench.training import VARIANTS, BenchSettings, measure_variant
+from bench.training import VARIANTS, BenchSettings, measure_variant, trainer_arguments
 from conftest import build_tiny_model, make_tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,11 +40,22 @@ def test_all_variants_train_on_the_same_rows_and_agree_at_step_one(tiny_bench):
     # The LoRA B matrices start at zero: step 1 is the base model's loss, ours and PEFT's alike.
     assert results["lora"]["losses"][0] == pytest.approx(results["peft-lora"]["losses"][0], rel=1e-3)
     assert results["qlora"]["losses"][0] == pytest.approx(results["peft-qlora"]["losses"][0], rel=1e-2)
+    for variant, plain in [("lora+compile", "lora"), ("lora+ckpt", "lora"), ("qlora+compile", "qlora"),
+                           ("qlora+ckpt", "qlora"), ("peft-lora+compile", "peft-lora")]:
+        assert results[variant]["losses"][0] == pytest.approx(results[plain]["losses"][0], rel=1e-3), variant
 
     summaries = [Summary.of(result, warmup_steps=1) for result in results.values()]
     table = training_table(summaries, matmul_flops=1e12)
-    assert table.count("\n") == 1 + len(VARIANTS) and "| 1.00x |" in table
-    assert len(target_lines(summaries)) == 4
+    assert table.count("\n") == 1 + len(results) and "| 1.00x |" in table
+    targets = target_lines(summaries, matmul_flops=1e12)
+    assert len(targets) == 5 and targets[1].startswith("- for comparison: our LoRA vs (3c)")
+    assert len(target_lines([s for s in summaries if s.variant != "peft-lora+compile"], 1e12)) == 4
+
+
+def test_the_compiled_peft_variant_flips_the_trainer_s_own_switch(tiny_bench, tmp_path):
+    for variant, compiled in [("peft-lora", False), ("peft-lora+compile", True)]:
+        config = tiny_bench.train_config(variant)
+        assert trainer_arguments(config, 2, torch.device("cpu"), str(tmp_path)).torch_compile is compiled
 
 
 def test_flop_model_matches_the_rule_of_thumb_for_gemma3_270m():

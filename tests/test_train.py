@@ -19,7 +19,7 @@ from checkpoint import CheckpointError, checkpoint_dirs, hold_output_folder
 from loss import count_supervised, supervised_loss_sum
 from conftest import build_tiny_model, make_tiny_tokenizer
 from data.dataset import collate, encode_example
-from lora import LoRAConfig, inject_lora, load_adapter, lora_parameter_count
+from lora import LoRAConfig, inject_lora, inject_trainable_tokens, load_adapter, lora_parameter_count
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -81,6 +81,44 @@ def test_accumulation_4x4_gives_the_same_gradient_as_16x1():
     assert gradients[0].keys() == gradients[1].keys()
     for name in gradients[0]:
         torch.testing.assert_close(gradients[1][name], gradients[0][name], rtol=1e-4, atol=1e-6)
+
+
+def window_gradients(kind: str, compile_layers: bool = False, checkpoint_layers: bool = False):
+    """(loss, gradients, (forward calls of layer 0's MLP, compiled layers)) of one 2 x 2 accumulation window on a tiny model
+    with LoRA and token rows."""
+    tokenizer = make_tiny_tokenizer()
+    examples = make_examples(tokenizer, 4)
+    model = build_tiny_model(kind)
+    inject_lora(model, LoRAConfig(rank=4, alpha=8.0, dropout=0.0))
+    inject_trainable_tokens(model, (4, 5))
+    for layer_name, parameter in model.named_parameters():  # non-zero B so A gets gradients too
+        if ".lora_B." in layer_name:
+            torch.nn.init.normal_(parameter, std=0.1, generator=torch.Generator().manual_seed(1))
+    calls = []
+    if not compile_layers:  # a Python hook inside a compiled layer is traced, not called
+        model.model.layers[0].mlp.register_forward_hook(lambda *_: calls.append(1))
+    train.apply_speed_options(model, compile_layers, checkpoint_layers)
+    model.train()
+    batches = [collate(examples[i:i + 2], tokenizer.pad_token_id) for i in (0, 2)]
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    loss, _ = train_step.accumulate_gradients(model, batches, torch.device("cpu"), torch.float32, scaler)
+    compiled = sum(layer._compiled_call_impl is not None for layer in model.model.layers)
+    return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, (len(calls), compiled)
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3"])
+@pytest.mark.parametrize("option", ["compile", "checkpoint"])
+def test_compiled_or_checkpointed_layers_give_the_eager_loss_and_gradients(kind, option):
+    """Gemma 2's soft-capped attention included: the options change speed and memory, not the maths."""
+    eager_loss, eager, eager_calls = window_gradients(kind)
+    loss, gradients, calls = window_gradients(kind, compile_layers=option == "compile",
+                                              checkpoint_layers=option == "checkpoint")
+    # Checkpointing runs each layer again in the backward pass (2 micro-batches: 2 calls -> 4).
+    assert eager_calls == (2, 0) and calls == {"checkpoint": (4, 0), "compile": (0, 2)}[option]
+    assert loss == pytest.approx(eager_loss, rel=1e-5)
+    assert gradients.keys() == eager.keys() and any("trainable_tokens" in name for name in eager)
+    for name in eager:
+        torch.testing.assert_close(gradients[name], eager[name], rtol=1e-4, atol=1e-6)
 
 
 # ------------------------------------------------------------------ whole runs on a tiny model
@@ -159,11 +197,13 @@ def interrupt_at(stop: int):
     return interrupt
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tiny_setup, tmp_path):
-    train.run(tiny_config(tiny_setup, tmp_path / "straight"))
+@pytest.mark.parametrize("compile_layers", [False, True])
+def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tiny_setup, tmp_path, compile_layers):
+    """With compiled layers too (their dropout draws its random numbers its own way, from the same state)."""
+    train.run(tiny_config(tiny_setup, tmp_path / "straight", compile=compile_layers))
     with pytest.raises(train.TrainError, match="checkpoint at step 3"):
-        train.run(tiny_config(tiny_setup, tmp_path / "interrupted"), after_step=interrupt_at(3))
-    train.run(tiny_config(tiny_setup, tmp_path / "interrupted"))
+        train.run(tiny_config(tiny_setup, tmp_path / "interrupted", compile=compile_layers), after_step=interrupt_at(3))
+    train.run(tiny_config(tiny_setup, tmp_path / "interrupted", compile=compile_layers))
     assert_same_adapter(tmp_path / "straight", tmp_path / "interrupted")
 
 
