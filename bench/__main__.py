@@ -113,6 +113,8 @@ NOTES = """## How to read this
   `+compile` rows: ours with `train.py --compile` (each decoder layer `torch.compile`d, LoRA inside;
   the first, untimed step pays the compilation), PEFT with `TrainingArguments(torch_compile=True)`;
   `+ckpt` rows: ours with `--gradient-checkpointing` (non-reentrant, every decoder layer).
+- GPU figures come from `python -m bench --model random-gemma-2-2b --device cuda` (every variant, Gemma-2-2B's
+  shapes with random weights, rows of 768 tokens); `../shared/gpu/README.md` is the recipe for a lent H200.
 - Tokens/s counts supervised tokens (those with a label: the answers), the same count for every variant.
 - Peak memory: resident set size on the CPU (ru_maxrss), `torch.cuda.max_memory_allocated` on CUDA.
   "Training" is the peak during the optimizer steps (reset after loading); "whole run" includes
