@@ -122,7 +122,12 @@ def _training_row(label: str, summary: dict) -> str:
     minutes, seconds = divmod(round(summary.get("wall_s") or 0), 60)
     return (f"| {label} | {summary.get('trainable_params', 0):,} | {minutes}m{seconds:02d}s | "
             f"{summary.get('tokens_per_s')} | {summary.get('peak_memory_gb')} GB | "
-            f"{summary.get('held_out_loss_before', float('nan')):.4f} -> {summary.get('held_out_loss_after', float('nan')):.4f} |")
+            f"{_loss(summary, 'held_out_loss_before')} -> {_loss(summary, 'held_out_loss_after')} |")
+
+
+def _loss(summary: dict, key: str) -> str:
+    value = summary.get(key)
+    return "-" if value is None else f"{value:.4f}"
 
 
 def write_csv(path: Path, reports: Sequence[Report]) -> None:

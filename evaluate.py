@@ -135,7 +135,10 @@ class Tasks:
 
 
 def load_tasks(dataset: str, limit: int | None) -> Tasks:
-    _, test_split = split_rows(load_rows(dataset))
+    rows = load_rows(dataset)
+    _, test_split = split_rows(rows)
+    if not len(test_split):
+        raise DataError(f"dataset {dataset}: its {len(rows)} row(s) leave no held-out row to score (10% are held out)")
     if limit is not None:
         test_split = test_split.select(range(min(limit, len(test_split))))
     # Rows of other datasets (the study's Alpaca data) have no doctests and no entry point.

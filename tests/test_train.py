@@ -351,6 +351,20 @@ def test_bad_inputs_fail_with_one_clear_line(capsys, tmp_path, args, message):
     assert not (tmp_path / "out").exists(), "a failed start leaves nothing behind"
 
 
+def test_without_held_out_rows_the_held_out_loss_is_not_measured_rather_than_zero(capsys, tiny_setup, tmp_path):
+    rows = tmp_path / "four.jsonl"  # grouped rows: 10% of 4 rounds to no held-out group at all
+    rows.write_text("".join(json.dumps({"instruction": f"Return {i}.", "output": f"def f():\n    return {i}",
+                                        "group": f"g{i}"}) + "\n" for i in range(4)))
+    out = tmp_path / "out"
+    code = train.main(["--model", str(tiny_setup / "model"), "--dataset", str(rows), "--out", str(out),
+                       "--max-steps", "2", "--batch-size", "2", "--grad-accum", "1"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "the held-out loss is not measured" in printed
+    assert "held-out loss not measured (no held-out rows)" in printed.splitlines()[-1]
+    assert not any("held_out_loss" in line for line in (out / "metrics.jsonl").read_text().splitlines())
+    assert json.loads((out / "train_summary.json").read_text())["held_out_loss_after"] is None
+
+
 def test_bad_dataset_fails_with_one_clear_line(capsys, tiny_setup, tmp_path):
     code, stderr = run_cli(capsys, "--model", str(tiny_setup / "model"), "--dataset",
                            str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "out"))
