@@ -178,16 +178,19 @@ def load_checkpoint(directory: Path, model, optimizer, scaler, rank: int = 0) ->
     state = _read_state(directory)
     try:
         load_adapter_tensors(model, read_adapter_weights(directory), str(directory))
+    except AdapterError as error:
+        raise _damaged(directory, error, WEIGHTS_NAME) from None
+    try:
         tensors = load_file(directory / "trainer_state.safetensors")
         optimizer.load_state_dict(_unflatten_optimizer_state(tensors, state["optimizer_param_groups"]))
         scaler.load_state_dict(state["grad_scaler"])
-    except (OSError, SafetensorError, AdapterError, KeyError, ValueError) as error:
-        raise _damaged(directory, error) from None
+    except (OSError, SafetensorError, KeyError, ValueError) as error:
+        raise _damaged(directory, error, "trainer_state.safetensors") from None
     prefix, python_key = _rng_names(rank)
     try:
         rng = {"python": _python_rng_from_json(state[python_key]), "torch": tensors[f"{prefix}torch"]}
     except KeyError as error:
-        raise _damaged(directory, error) from None
+        raise _damaged(directory, error, "trainer_state.safetensors") from None
     cuda_states = [tensors[key] for key in sorted(tensors) if key.startswith(f"{prefix}cuda.")]
     if cuda_states:
         rng["cuda"] = cuda_states
@@ -208,12 +211,12 @@ def _read_state(directory: Path) -> dict:
             raise KeyError(f"state.json has no {missing[0]!r}")
         return state
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise _damaged(directory, error) from None
+        raise _damaged(directory, error, "state.json") from None
 
 
-def _damaged(directory: Path, error: Exception) -> CheckpointError:
-    return CheckpointError(f"checkpoint {directory} is damaged ({first_line(error)}); delete it to resume from an older "
-                           "one, or use --overwrite to start over")
+def _damaged(directory: Path, error: Exception, file: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint {directory} is damaged: {file}: {first_line(error)}; delete the checkpoint to "
+                           "resume from an older one, or use --overwrite to start over")
 
 
 def _flatten_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], list]:

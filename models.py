@@ -66,6 +66,8 @@ def resolve_model_path(name: str) -> str:
     if name == EMBEDDED_MODEL:
         return str(embedded_model_dir())
     if not Path(name).exists():
+        if name.startswith((".", "/", "~")) or name.count("/") > 1:  # a path, never a Hub id ("owner/name")
+            raise ModelLoadError(f"{name!r} is neither a local model folder nor a model on the Hugging Face Hub")
         _check_hub_id(name)
     return name
 

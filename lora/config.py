@@ -76,6 +76,12 @@ class LoRAConfig:
         targets = raw["target_modules"]
         if isinstance(targets, str) and targets != ALL_LINEAR:
             raise AdapterError(f"{source}: target_modules as a regular expression ({targets!r}) is not supported")
+        if not isinstance(targets, str) and not (isinstance(targets, list) and targets
+                                                 and all(isinstance(name, str) for name in targets)):
+            raise AdapterError(f"{source}: target_modules must be a list of module names, got {targets!r}")
+        _check_number(raw, "r", source, whole=True, low=1)
+        _check_number(raw, "lora_alpha", source, low=0, low_open=True)
+        _check_number({"lora_dropout": 0.0, **raw}, "lora_dropout", source, low=0)
         return cls(
             rank=int(raw["r"]), alpha=float(raw["lora_alpha"]), dropout=float(raw.get("lora_dropout", 0.0)),
             target_modules=targets if isinstance(targets, str) else tuple(sorted(targets)),
@@ -83,6 +89,15 @@ class LoRAConfig:
             base_model_name_or_path=raw.get("base_model_name_or_path") or "",
             trainable_token_indices=_token_indices(raw.get("trainable_token_indices"), source),
         )
+
+
+def _check_number(raw: dict, key: str, source: str, low: float, whole: bool = False, low_open: bool = False) -> None:
+    """Raise AdapterError unless raw[key] is a JSON number (an integer if `whole`) above `low`."""
+    value = raw[key]
+    kinds = (int,) if whole else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not (value > low if low_open else value >= low):
+        kind = "an integer" if whole else "a number"
+        raise AdapterError(f"{source}: {key} must be {kind} {'>' if low_open else '>='} {low}, got {value!r}")
 
 
 def _token_indices(value: object, source: str) -> tuple[int, ...]:

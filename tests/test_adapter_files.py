@@ -1,6 +1,7 @@
 """Adapter files: our round trip, PEFT reading ours and us reading PEFT's, clear errors, merged export."""
 
 import json
+import re
 
 import peft
 import pytest
@@ -151,6 +152,23 @@ def test_config_without_rank_is_refused(saved_adapter, kind):
     del config["r"]
     (directory / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(AdapterError, match="missing 'r'"):
+        load_adapter(build_tiny_model(kind), directory)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"r": "sixteen"}, "r must be an integer >= 1, got 'sixteen'"),
+    ({"r": 0}, "r must be an integer >= 1, got 0"),
+    ({"r": 4.5}, "r must be an integer >= 1, got 4.5"),
+    ({"lora_alpha": None}, "lora_alpha must be a number > 0, got None"),
+    ({"lora_dropout": "high"}, "lora_dropout must be a number >= 0"),
+    ({"target_modules": 5}, "target_modules must be a list of module names, got 5"),
+    ({"target_modules": []}, "target_modules must be a list of module names, got []"),
+])
+def test_config_values_of_the_wrong_type_are_one_clear_error(saved_adapter, kind, change, message):
+    _, directory = saved_adapter
+    config = json.loads((directory / "adapter_config.json").read_text())
+    (directory / "adapter_config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(AdapterError, match=re.escape(f"{directory / 'adapter_config.json'}: {message}")):
         load_adapter(build_tiny_model(kind), directory)
 
 

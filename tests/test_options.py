@@ -47,13 +47,27 @@ def test_devices_this_machine_has_pass():
         DEVICE("meta")
 
 
+@pytest.mark.parametrize("offline", [False, True])
 @pytest.mark.parametrize("name, message", [
     ("/no/such/folder", "neither a local model folder nor a model on the Hugging Face Hub"),
-    ("no such id!", "neither a local model folder nor a model on the Hugging Face Hub"),
+    ("./models/missing", "neither a local model folder nor a model on the Hugging Face Hub"),
+    ("a/b/c", "neither a local model folder nor a model on the Hugging Face Hub"),
 ])
-def test_a_model_that_is_neither_a_folder_nor_a_hub_id_fails_at_once(name, message):
+def test_a_model_that_is_neither_a_folder_nor_a_hub_id_fails_at_once(name, message, offline, monkeypatch):
+    """A path is never asked of the Hub, even with HF_HUB_OFFLINE set (then transformers' own error is
+    about repo ids)."""
+    if offline:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     with pytest.raises(models.ModelLoadError, match=message):
         models.resolve_model_path(name)
+
+
+def test_an_id_that_is_not_a_valid_hub_id_fails_at_once(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(models.ModelLoadError, match="neither a local model folder nor a model on the Hugging Face Hub"):
+        models.resolve_model_path("no such id!")
 
 
 def test_an_unreachable_hub_is_one_line_at_once_not_a_minute_of_retries(monkeypatch):
