@@ -108,14 +108,18 @@ def train_runs(args: argparse.Namespace, outputs: Path) -> None:
         if is_finished(run, expected, outputs):
             print(f"{run.name}: finished earlier ({outputs / run.name / 'train_summary.json'}), skipped", flush=True)
             continue
-        device = ["--device", args.device] if args.device else []
         run_child([sys.executable, str(HERE / "train.py"), "--model", args.model, "--dataset", args.dataset,
-                   *run.train_arguments(outputs), *device])
+                   *run.train_arguments(outputs), *_device_option(args)])
+
+
+def _device_option(args: argparse.Namespace) -> list[str]:
+    """--device for the child commands, when the sweep was given one."""
+    return ["--device", args.device] if args.device else []
 
 
 def evaluate_runs(args: argparse.Namespace, outputs: Path) -> None:
     in_table_order = sorted(RUNS, key=lambda run: (run.qlora, run.rank))
-    options = (["--device", args.device] if args.device else []) + (["--limit", str(args.limit)] if args.limit else [])
+    options = _device_option(args) + (["--limit", str(args.limit)] if args.limit else [])
     run_child([sys.executable, str(HERE / "evaluate.py"), "--model", args.model, "--dataset", args.dataset,
                "--outputs", str(outputs), "--adapters", *[str(outputs / run.name) for run in in_table_order], *options])
 
