@@ -32,7 +32,6 @@ from tqdm import tqdm
 
 import distributed
 import models
-from chat_format import TURN_MARKERS
 from checkpoint import (
     CheckpointError, data_fingerprint, hold_output_folder, rng_state, save_checkpoint, start_or_resume,
 )
@@ -40,9 +39,10 @@ from data.dataset import DataError, batch_order, collate, encode_rows, load_rows
 from distributed import RankFailed, World, all_or_none, gather, my_rows, same_start, sum_over_ranks
 from lora import (
     ATTENTION_MODULES, AdapterError, LoRAConfig, describe_token_rows, inject_lora, inject_trainable_tokens,
-    lora_parameter_count, parse_target_modules, save_adapter, trainable_report,
+    parse_target_modules, save_adapter, trainable_report,
 )
 from options import COUNT, DEVICE, DROPOUT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, SEED
+from train_setup import TrainError, apply_speed_options, check_adapter_fits, resolve_trainable_tokens
 from train_step import held_out_losses, make_optimizer, optimizer_step, set_learning_rate
 from training_log import (
     SUMMARY_NAME, peak_memory_bytes, plot_losses, record, summarize, summary_line, truncate_metrics, write_settings,
@@ -55,10 +55,6 @@ EMBEDDED_CPU_EPOCHS = 2
 EMBEDDED_CPU_MAX_LENGTH = 256
 STUDY_EPOCHS = 3
 STUDY_MAX_LENGTH = 768
-
-
-class TrainError(RuntimeError):
-    """A run cannot start or resume; the message is one line meant for the user."""
 
 
 @dataclass
@@ -134,6 +130,7 @@ def schedule_micro_batches(lengths: list[int], config: TrainConfig) -> list[list
 
 def prepare_model(config: TrainConfig, device: torch.device, dtype: torch.dtype,
                   token_ids: tuple[int, ...] = ()) -> torch.nn.Module:
+    """The base model (NF4-quantized for QLoRA) with LoRA and the trainable token rows injected."""
     model = models.load_model(config.model, device, dtype, nf4=config.qlora)
     lora = config.lora_config(token_ids)
     check_adapter_fits(model, lora, device)
@@ -142,59 +139,6 @@ def prepare_model(config: TrainConfig, device: torch.device, dtype: torch.dtype,
         inject_trainable_tokens(model, token_ids)
     apply_speed_options(model, compile_layers=config.compile, checkpoint_layers=config.gradient_checkpointing)
     return model
-
-
-def apply_speed_options(model: torch.nn.Module, compile_layers: bool, checkpoint_layers: bool) -> None:
-    """Options that change speed and memory, not what is computed (up to float rounding).
-
-    checkpoint_layers: keep only each decoder layer's input and recompute the rest in the backward pass
-    (non-reentrant, so the frozen embedding's output needs no requires_grad).
-    compile_layers: torch.compile each decoder layer, LoRA inside it, in place; the loss, embedding and
-    head stay eager. It fuses the elementwise work around the matmuls (norms, casts, GeGLU, LoRA's
-    scaling), which dominates an eager step on a GPU."""
-    if checkpoint_layers:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    if compile_layers:
-        for layer in model.model.layers:
-            layer.compile()
-
-
-# Bytes per trainable number: the float32 weight, its gradient and AdamW's two moments.
-TRAINING_BYTES_PER_PARAMETER = 4 * 4
-
-
-def check_adapter_fits(model: torch.nn.Module, lora: LoRAConfig, device: torch.device) -> None:
-    """Refuse, before allocating anything, an adapter whose weights, gradients and optimizer state
-    alone would not fit in the memory the device has free (activations come on top)."""
-    needed = lora_parameter_count(model, lora) * TRAINING_BYTES_PER_PARAMETER
-    free = models.free_memory_bytes(device)
-    if free is not None and needed > free:
-        raise TrainError(f"--rank {lora.rank}: the adapter's weights, gradients and AdamW state need "
-                         f"{needed / 2**30:.1f} GiB, but {device} has {free / 2**30:.1f} GiB free; use a smaller rank")
-
-
-def resolve_trainable_tokens(spec: str, tokenizer) -> tuple[int, ...]:
-    """`--trainable-tokens` -> token ids: "none", "auto" (the turn markers, when the tokenizer has
-    them), or a comma-separated list of token strings and ids."""
-    spec = spec.strip()
-    if spec == "none":
-        return ()
-    # `auto`: the chat markers every training example uses, whose rows pretrained (not
-    # instruction-tuned) Gemma checkpoints never trained.
-    names = TURN_MARKERS if spec == "auto" else [item.strip() for item in spec.split(",") if item.strip()]
-    ids = []
-    for name in names:
-        token_id = int(name) if name.isdigit() else tokenizer.convert_tokens_to_ids(name)
-        if not isinstance(token_id, int) or (not name.isdigit() and token_id == tokenizer.unk_token_id):
-            if spec == "auto":
-                return ()  # a tokenizer without Gemma's turn markers: nothing to train
-            raise TrainError(f"--trainable-tokens: {name!r} is not a single token of this tokenizer")
-        if not 0 <= token_id < len(tokenizer):
-            raise TrainError(f"--trainable-tokens: id {token_id} is outside the vocabulary (size {len(tokenizer)})")
-        ids.append(token_id)
-    if len(set(ids)) != len(ids):
-        raise TrainError(f"--trainable-tokens names a token twice: {spec}")
-    return tuple(ids)
 
 
 def run(config: TrainConfig, after_step: Callable[[int], None] | None = None) -> dict | None:
