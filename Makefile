@@ -19,7 +19,7 @@ TRAINER = $(if $(NPROC),.venv/bin/torchrun --standalone --nproc-per-node $(NPROC
 TRAIN_FLAGS = --model $(MODEL) --dataset $(DATASET) --rank $(RANK) \
 	$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(MAX_STEPS),--max-steps $(MAX_STEPS)) $(if $(OUT),--out $(OUT))
 
-.PHONY: venv test train qlora eval sweep serve bench bench-serve data
+.PHONY: venv test train qlora eval sweep serve bench bench-profile bench-serve data
 
 venv: .venv/.runtime-installed
 
@@ -68,6 +68,11 @@ serve: venv
 
 bench: .venv/.bench-installed
 	$(PYTHON) -m bench
+
+# Where the step time of our LoRA and of PEFT + Trainer goes (torch.profiler, by kind of work);
+# writes its own section of bench/RESULTS.md (~3 min here).
+bench-profile: .venv/.bench-installed
+	$(PYTHON) -m bench --profile --steps 2
 
 # serve.py under load (1, 4, 16 concurrent clients; batched vs one request at a time), on the
 # `make train` adapter; prints a Markdown table (~7 min here).

@@ -3,6 +3,7 @@
     python -m bench                                 # `make bench`: everything, embedded Gemma 3 270M
     python -m bench --variants lora,peft-lora --steps 2
     python -m bench --model random-gemma-2-2b --device cuda   # GPU: Gemma-2-2B's shapes, length 768
+    python -m bench --profile --steps 2             # `make bench-profile`: where the step time goes
 
 Trains a fixed number of optimizer steps on the same micro-batches with (1) our LoRA, (2) our
 QLoRA, (3) PEFT + Trainer LoRA and (4) PEFT + Trainer + bitsandbytes 4-bit QLoRA, each in its own
@@ -30,6 +31,7 @@ import models
 import train
 from options import DEVICE
 from bench.measure import machine_description, matmul_flops_per_second
+from bench.profile import bound_lines, profile_table
 from bench.report import LABELS, Summary, generation_summary, generation_table, target_lines, training_table
 from bench.training import DEFAULT_VARIANTS, RANDOM_GEMMA2_2B, VARIANTS, BenchSettings, random_model_dir
 
@@ -37,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 STUDY_A100_REFERENCE = ("The study, for comparison (Gemma-2-2B, A100 40GB, fp16, its real rows of up to 768 tokens): "
                         "LoRA 0.98 s and QLoRA 1.9 s per optimizer step of 16 sequences.")
 DEFAULT_OUTPUT = ROOT / "bench" / "RESULTS.md"
+PROFILED_VARIANTS = ("lora", "peft-lora")  # the pair the issue's 2.5x target compares
 
 
 def run_worker(module: str, arguments: list[str]) -> dict:
@@ -88,7 +91,27 @@ def document(kind: str, command: str, settings: BenchSettings, results: list[dic
     return "\n".join(parts)
 
 
-SECTION = re.compile(r"<!-- (\w+) figures -->\n(.*?)<!-- end -->\n", re.DOTALL)
+def profile_document(kind: str, command: str, settings: BenchSettings, results: list[dict], matmul_flops: float,
+                     matmul_size: int, machine: str, minutes: float) -> str:
+    """This run's profile section (kind: "CPU profile" or "GPU profile")."""
+    return "\n".join([
+        f"## {kind} figures",
+        "",
+        f"Written by `{command}` on {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z} "
+        f"(the whole run took {minutes:.1f} min). Machine: {machine}. bf16 matmul, {matmul_size}^3: "
+        f"{matmul_flops / 1e12:.2f} TFLOP/s (measured by the same run).",
+        f"The same rows and settings as the figures above; {settings.warmup_steps} warm-up step(s), then "
+        f"{settings.steps} step(s) under torch.profiler (bench/profile.py), which slows them down: the step "
+        "times here are not the benchmark's.",
+        "",
+        profile_table(results),
+        "",
+        *bound_lines(results),
+        "",
+    ])
+
+
+SECTION = re.compile(r"<!-- ([\w ]+?) figures -->\n(.*?)<!-- end -->\n", re.DOTALL)
 
 
 def merged_report(previous: str, kind: str, section: str) -> str:
@@ -113,6 +136,11 @@ NOTES = """## How to read this
   `+compile` rows: ours with `train.py --compile` (each decoder layer `torch.compile`d, LoRA inside;
   the first, untimed step pays the compilation), PEFT with `TrainingArguments(torch_compile=True)`;
   `+ckpt` rows: ours with `--gradient-checkpointing` (non-reentrant, every decoder layer).
+- Profile sections (`python -m bench --profile`, `make bench-profile`): torch.profiler over the timed steps
+  of our LoRA and PEFT + Trainer, each operator's self time (CPU time on the CPU, kernel time on a GPU)
+  sorted by bench/profile.py into matmuls, attention, optimizer, copies and casts, and the rest. Matmuls and
+  attention are the same work in every variant, so PEFT's step time over our matmul + attention time is
+  the most any loop could gain over PEFT on these rows without doing less work.
 - GPU figures come from `python -m bench --model random-gemma-2-2b --device cuda` (every variant, Gemma-2-2B's
   shapes with random weights, rows of 768 tokens); `../shared/gpu/README.md` is the recipe for a lent H200.
 - Tokens/s counts supervised tokens (those with a label: the answers), the same count for every variant.
@@ -156,9 +184,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="held-out prompts for the generation comparison; 0 skips it (default: %(default)s)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="generation limit (default: %(default)s)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="report file (default: bench/RESULTS.md)")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of the figures: where each variant's step time goes (torch.profiler), by "
+                             f"kind of work; default variants {','.join(PROFILED_VARIANTS)}, no generation")
     args = parser.parse_args(argv)
     if args.variants is None:
-        args.variants = ",".join(DEFAULT_VARIANTS[models.pick_device(args.device).type])
+        args.variants = ",".join(PROFILED_VARIANTS if args.profile else DEFAULT_VARIANTS[models.pick_device(args.device).type])
     unknown = set(args.variants.split(",")) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variant(s) {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
@@ -172,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     device = models.pick_device(args.device)
     settings = BenchSettings(model=args.model, dataset=args.dataset, device=str(device), steps=args.steps,
-                             warmup_steps=args.warmup_steps, max_length=args.max_length)
+                             warmup_steps=args.warmup_steps, max_length=args.max_length, profile=args.profile)
     matmul_size = 8192 if device.type == "cuda" else 2048  # 2048 is already past the CPU's plateau
     matmul_flops = matmul_flops_per_second(device, matmul_size)
     print(f"bf16 matmul {matmul_size}^3: {matmul_flops / 1e12:.2f} TFLOP/s", flush=True)
@@ -184,14 +215,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--- {LABELS[variant]}", flush=True)
         results.append(run_worker("bench.training", ["--variant", variant, "--settings", settings_json]))
     generation = None
-    if args.generate_prompts > 0 and args.model != RANDOM_GEMMA2_2B:  # the random model has no tokenizer
+    if args.generate_prompts > 0 and args.model != RANDOM_GEMMA2_2B and not args.profile:  # the random model has no tokenizer
         print("--- generation", flush=True)
         generation = run_worker("bench.generation", ["--settings", settings_json, "--prompts", str(args.generate_prompts),
                                                      "--max-new-tokens", str(args.max_new_tokens)])
     command = shlex.join(["python", "-m", "bench", *(sys.argv[1:] if argv is None else argv)])
     kind = "GPU" if device.type == "cuda" else "CPU"
-    section = document(kind, command, settings, results, generation, matmul_flops, matmul_size,
-                       machine_description(device), (time.time() - started) / 60)
+    minutes = (time.time() - started) / 60
+    if args.profile:
+        kind += " profile"
+        section = profile_document(kind, command, settings, results, matmul_flops, matmul_size,
+                                   machine_description(device), minutes)
+    else:
+        section = document(kind, command, settings, results, generation, matmul_flops, matmul_size,
+                           machine_description(device), minutes)
     previous = args.output.read_text() if args.output.exists() else ""
     args.output.write_text(merged_report(previous, kind, section))
     print(section)

@@ -1,5 +1,5 @@
-"""What the benchmark measures: step times, peak memory, the machine's matmul throughput, and the
-useful FLOPs of a training step (one model, the same for every variant)."""
+"""What the benchmark measures: step times, peak memory (and, when asked, a profile), the machine's
+matmul throughput, and the useful FLOPs of a training step (one model, the same for every variant)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from collections.abc import Sequence
 
 import torch
 
+from bench.profile import start_profiler, stop_profiler
 from training_log import peak_memory_bytes
+
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
@@ -19,22 +21,35 @@ def synchronize(device: torch.device) -> None:
 
 class TrainingMeter:
     """Step times and peak memory of a training run: `start()` right before the first optimizer
-    step (after loading), `tick()` after each step."""
+    step (after loading), `tick()` after each step. With `profile_after=k`, torch.profiler records
+    every step after the first k (the warm-up steps); `profiled_operators()` returns what it saw."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, profile_after: int | None = None):
         self.device = device
         self.stamps: list[float] = []
         self.loading_peak_bytes = 0
+        self.profile_after = profile_after
+        self.profiler: torch.profiler.profile | None = None
 
     def start(self) -> None:
         self.loading_peak_bytes = peak_memory_bytes(self.device)
         reset_peak_memory(self.device)
         synchronize(self.device)
         self.stamps = [time.perf_counter()]
+        self._start_profiler_after_warmup()
 
     def tick(self) -> None:
         synchronize(self.device)
         self.stamps.append(time.perf_counter())
+        self._start_profiler_after_warmup()
+
+    def _start_profiler_after_warmup(self) -> None:
+        if self.profile_after is not None and len(self.stamps) - 1 == self.profile_after:
+            self.profiler = start_profiler(self.device)
+
+    def profiled_operators(self) -> list[tuple[str, float]]:
+        """(operator, self seconds) over the profiled steps; stops the profiler."""
+        return stop_profiler(self.profiler, self.device) if self.profiler else []
 
     def step_seconds(self) -> list[float]:
         return [later - earlier for earlier, later in zip(self.stamps, self.stamps[1:])]

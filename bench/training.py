@@ -60,6 +60,7 @@ class BenchSettings:
     steps: int = 3
     warmup_steps: int = 1
     max_length: int | None = None  # None: train.py's default for this model and device
+    profile: bool = False  # torch.profiler over the timed steps (bench/profile.py); slows them down
 
     def train_config(self, variant: str) -> train.TrainConfig:
         """train.py's config with its (the study's) hyper-parameters for this variant, resolved for this
@@ -234,11 +235,13 @@ def measure_variant(variant: str, settings: BenchSettings) -> dict:
     config = settings.train_config(variant)
     windows, pad_id, tokenizer = training_windows(settings, config)
     device = models.pick_device(settings.device)
-    meter = TrainingMeter(device)
+    meter = TrainingMeter(device, profile_after=settings.warmup_steps if settings.profile else None)
     if variant.startswith("peft"):
         losses = run_peft(windows, tokenizer, config, meter)
     else:
         losses = run_ours(windows, pad_id, config, meter)
+    profile = {"profile": meter.profiled_operators(), "profiled_steps": settings.steps,
+               "profiled_seconds": sum(meter.step_seconds()[settings.warmup_steps:])} if settings.profile else {}
     model_config = AutoConfig.from_pretrained(models.resolve_model_path(config.model))
     model_config = getattr(model_config, "text_config", model_config)
     rows_per_step = [[e for micro in window for e in micro] for window in windows]
@@ -253,6 +256,7 @@ def measure_variant(variant: str, settings: BenchSettings) -> dict:
         "peak_training_bytes": meter.training_peak_bytes(),
         "peak_loading_bytes": meter.loading_peak_bytes,
         "max_length": config.max_length,
+        **profile,
     }
 
 

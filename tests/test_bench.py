@@ -1,6 +1,7 @@
 """Smoke test of `make bench` on a tiny random Gemma 3: every variant trains, step 1's loss agrees
 across variants (same function, same rows), and the command writes its report."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from transformers import Gemma3TextConfig
 
 from bench.__main__ import merged_report
 from bench.measure import useful_step_flops
+from bench.profile import OTHER, bound_lines, kind_of, profile_table, seconds_by_kind
 from bench.report import Summary, target_lines, training_table
 from bench.training import VARIANTS, BenchSettings, measure_variant, trainer_arguments
 from conftest import build_tiny_model, make_tiny_tokenizer
@@ -85,9 +87,41 @@ def test_make_bench_command_writes_its_report(tiny_bench, tmp_path):
 def test_a_run_replaces_its_own_section_and_keeps_the_other_device_s():
     report = merged_report("", "GPU", "## GPU figures\nold\n")
     report = merged_report(report, "CPU", "## CPU figures\ncpu\n")
+    report = merged_report(report, "CPU profile", "## CPU profile figures\nprofile\n")
     report = merged_report(report, "GPU", "## GPU figures\nnew\n")
-    assert "cpu" in report and "new" in report and "old" not in report
-    assert report.index("## CPU figures") < report.index("## GPU figures") < report.index("## How to read this")
+    assert "cpu" in report and "profile" in report and "new" in report and "old" not in report
+    assert (report.index("## CPU figures") < report.index("## CPU profile figures") < report.index("## GPU figures")
+            < report.index("## How to read this"))
+    assert merged_report(report, "CPU profile", "## CPU profile figures\nagain\n").count("## CPU profile") == 1
+
+
+def test_operators_are_sorted_into_kinds_of_work():
+    assert kind_of("aten::mm") == kind_of("aten::addmm") == kind_of("sm90_xmma_gemm_bf16bf16") \
+        == "matmuls (linear layers, LoRA, LM head)"
+    assert kind_of("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
+    assert kind_of("aten::_foreach_mul_") == kind_of("Optimizer.step#AdamW.step") == "optimizer (AdamW, clipping)"
+    assert kind_of("aten::_to_copy") == kind_of("aten::copy_") == "copies and dtype casts"
+    assert kind_of("aten::topk") == kind_of("aten::mul") == kind_of("autograd::engine::evaluate_function: MmBackward0") == OTHER
+    totals = seconds_by_kind([("aten::mm", 2.0), ("aten::addmm", 1.0), ("aten::mul", 0.5)])
+    assert totals["matmuls (linear layers, LoRA, LM head)"] == 3.0 and totals[OTHER] == 0.5
+    assert totals["attention"] == 0.0 and len(totals) == 5
+
+
+def test_a_profiled_run_accounts_for_its_step_and_bounds_the_speedup(tiny_bench):
+    settings = dataclasses.replace(tiny_bench, profile=True)
+    results = [measure_variant(variant, settings) for variant in ("lora", "peft-lora")]
+    for result in results:
+        totals = seconds_by_kind(result["profile"])
+        assert totals["matmuls (linear layers, LoRA, LM head)"] > 0 and totals["optimizer (AdamW, clipping)"] > 0
+        assert result["profiled_steps"] == 1
+        # The operators' self times cannot add up to more than the profiled step took (two threads at
+        # most overlap: the autograd engine's and the caller's, which waits for it).
+        assert 0 < sum(totals.values()) <= 2 * result["profiled_seconds"]
+    table = profile_table(results)
+    assert table.count("\n") == 2 + 5 and "| (1) ours, LoRA | (3) PEFT + HF Trainer, LoRA |" in table
+    lines = bound_lines(results)
+    assert len(lines) == 2 and "x PEFT's speed at most" in lines[1]
+    assert bound_lines(results[:1]) == []
 
 
 def test_batch_size_bench_compares_sizes_on_the_same_prompts():
