@@ -44,6 +44,11 @@ DROPOUT = ranged(float, 0, 1, high_open=True)  # [0, 1)
 SEED = ranged(int, 0, 2**32 - 1)  # what every random generator involved accepts
 
 
+def COUNTS(text: str) -> list[int]:  # noqa: N802
+    """An argparse `type` for a comma-separated list of counts, e.g. --clients 1,4,16."""
+    return [COUNT(part.strip()) for part in text.split(",")]
+
+
 def DEVICE(text: str) -> str:  # noqa: N802  (named like the other argument types)
     """An argparse `type` for --device: cpu, cuda or cuda:N that this machine has."""
     try:

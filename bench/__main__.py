@@ -29,7 +29,9 @@ from pathlib import Path
 
 import models
 import train
-from options import DEVICE
+from data.dataset import DataError, load_rows
+from files import FileError, check_writable
+from options import COUNT, DEVICE, NON_NEGATIVE_INT
 from bench.measure import machine_description, matmul_flops_per_second
 from bench.profile import bound_lines, profile_table
 from bench.report import LABELS, Summary, generation_summary, generation_table, target_lines, training_table
@@ -48,7 +50,9 @@ def run_worker(module: str, arguments: list[str]) -> dict:
         result = Path(scratch) / "result.json"
         command = [sys.executable, "-m", module, *arguments, "--result", str(result)]
         if subprocess.run(command, cwd=ROOT).returncode != 0:
-            raise SystemExit(f"python -m {module} {shlex.join(arguments[:2])} failed; its output is above")
+            print(f"python -m bench: error: python -m {module} {shlex.join(arguments[:2])} failed; its output is above",
+                  file=sys.stderr)
+            raise SystemExit(2)
         return json.loads(result.read_text())
 
 
@@ -165,8 +169,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = BenchSettings()
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="timed optimizer steps (default: %(default)s)")
-    parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps,
+    parser.add_argument("--steps", type=COUNT, default=defaults.steps, help="timed optimizer steps (default: %(default)s)")
+    parser.add_argument("--warmup-steps", type=NON_NEGATIVE_INT, default=defaults.warmup_steps,
                         help="untimed optimizer steps first (default: %(default)s)")
     parser.add_argument("--variants", default=None,
                         help="comma-separated, from " + ", ".join(VARIANTS) + " (default on the CPU: "
@@ -177,12 +181,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "768 tokens, for GPUs)")
     parser.add_argument("--dataset", default=defaults.dataset,
                         help="rows to train on, as train.py's --dataset (default: the embedded corpus)")
-    parser.add_argument("--max-length", type=int, default=None,
+    parser.add_argument("--max-length", type=COUNT, default=None,
                         help="drop longer rows (default: train.py's for this model and device)")
     parser.add_argument("--device", type=DEVICE, default=None, help="cpu or cuda (default: cuda if available)")
-    parser.add_argument("--generate-prompts", type=int, default=16,
+    parser.add_argument("--generate-prompts", type=NON_NEGATIVE_INT, default=16,
                         help="held-out prompts for the generation comparison; 0 skips it (default: %(default)s)")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="generation limit (default: %(default)s)")
+    parser.add_argument("--max-new-tokens", type=COUNT, default=128, help="generation limit (default: %(default)s)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="report file (default: bench/RESULTS.md)")
     parser.add_argument("--profile", action="store_true",
                         help="instead of the figures: where each variant's step time goes (torch.profiler), by "
@@ -193,8 +197,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = set(args.variants.split(",")) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variant(s) {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
-    if args.steps < 1 or args.warmup_steps < 0:
-        parser.error("--steps must be >= 1 and --warmup-steps >= 0")
+    try:  # a bad output path, model or dataset is refused here, before any slow work and not in every worker
+        check_writable(args.output)
+        if args.model != RANDOM_GEMMA2_2B:
+            models.resolve_model_path(args.model)
+            load_rows(args.dataset)
+    except (FileError, models.ModelLoadError, DataError) as error:
+        parser.error(str(error))
     return args
 
 

@@ -14,9 +14,11 @@ import argparse
 import json
 from pathlib import Path
 
-from options import DEVICE, add_model_option
 from bench.generation import held_out_prompts, timed
 from generate import GenerationSettings, Generator
+from lora import AdapterError
+from models import ModelLoadError
+from options import COUNT, COUNTS, DEVICE, add_model_option
 
 
 def measure_batch_sizes(generator: Generator, prompts: list[str], batch_sizes: list[int],
@@ -41,16 +43,19 @@ def main(argv: list[str] | None = None) -> None:
     add_model_option(parser)
     parser.add_argument("--adapter", help="adapter folder (a QLoRA one meets its NF4 base, as in make eval)")
     parser.add_argument("--dataset", default="default", help="where the held-out prompts come from")
-    parser.add_argument("--prompts", type=int, default=64, help="held-out prompts (default: %(default)s)")
-    parser.add_argument("--batch-sizes", default="16,64", help="comma-separated (default: %(default)s)")
-    parser.add_argument("--max-new-tokens", type=int, default=GenerationSettings.max_new_tokens)
+    parser.add_argument("--prompts", type=COUNT, default=64, help="held-out prompts (default: %(default)s)")
+    parser.add_argument("--batch-sizes", type=COUNTS, default="16,64", help="comma-separated (default: 16,64)")
+    parser.add_argument("--max-new-tokens", type=COUNT, default=GenerationSettings.max_new_tokens,
+                        help="generation limit (default: %(default)s)")
     parser.add_argument("--device", type=DEVICE, help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--result", help="JSON file for the measurements")
     args = parser.parse_args(argv)
-    generator = Generator.load(args.model, args.adapter, args.device)
+    try:
+        generator = Generator.load(args.model, args.adapter, args.device)
+    except (ModelLoadError, AdapterError) as error:
+        parser.error(str(error))
     prompts = held_out_prompts(args.dataset, args.prompts)
-    batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
-    results = measure_batch_sizes(generator, prompts, batch_sizes, GenerationSettings(args.max_new_tokens))
+    results = measure_batch_sizes(generator, prompts, args.batch_sizes, GenerationSettings(args.max_new_tokens))
     if args.result:
         Path(args.result).write_text(json.dumps(results, indent=1))
 

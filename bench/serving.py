@@ -22,7 +22,9 @@ import serve
 from batcher import BatchScheduler
 from bench.generation import held_out_instructions
 from generate import Generator
-from options import DEVICE, add_model_option
+from lora import AdapterError
+from models import ModelLoadError
+from options import COUNT, COUNTS, DEVICE, add_model_option
 
 
 def run_clients(port: int, model: str, instructions: list[str], clients: int, per_client: int,
@@ -94,21 +96,24 @@ def main(argv: list[str] | None = None) -> None:
     add_model_option(parser)
     parser.add_argument("--adapter", help="serve this adapter (default: the base model)")
     parser.add_argument("--dataset", default="default", help="where the held-out instructions come from")
-    parser.add_argument("--clients", default="1,4,16", help="concurrent clients, comma-separated (default: %(default)s)")
-    parser.add_argument("--requests-per-client", type=int, default=2)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--max-batch", type=int, default=16, help="the batched server's limit (default: %(default)s)")
+    parser.add_argument("--clients", type=COUNTS, default="1,4,16",
+                        help="concurrent clients, comma-separated (default: 1,4,16)")
+    parser.add_argument("--requests-per-client", type=COUNT, default=2, help="(default: %(default)s)")
+    parser.add_argument("--max-tokens", type=COUNT, default=64, help="per answer (default: %(default)s)")
+    parser.add_argument("--max-batch", type=COUNT, default=16, help="the batched server's limit (default: %(default)s)")
     parser.add_argument("--device", type=DEVICE)
     parser.add_argument("--result", help="JSON file for the measurements")
     args = parser.parse_args(argv)
     name = Path(args.adapter).name if args.adapter else serve.BASE
-    generators = {name: Generator.load(args.model, args.adapter, args.device)}
+    try:
+        generators = {name: Generator.load(args.model, args.adapter, args.device)}
+    except (ModelLoadError, AdapterError) as error:
+        parser.error(str(error))
     instructions = [f"{instruction}\n{input}" if input else instruction
                     for instruction, input in held_out_instructions(args.dataset, 64)]
-    client_counts = [int(count) for count in args.clients.split(",")]
     results = []
     for max_batch in (args.max_batch, 1):
-        results += measure(generators, name, instructions, client_counts, args.requests_per_client, args.max_tokens,
+        results += measure(generators, name, instructions, args.clients, args.requests_per_client, args.max_tokens,
                            max_batch)
     print(markdown(results), end="")
     if args.result:

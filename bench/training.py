@@ -267,7 +267,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--result", required=True, help="JSON file to write the measurements to")
     args = parser.parse_args(argv)
     settings = BenchSettings(**json.loads(args.settings))
-    result = measure_variant(args.variant, settings)
+    try:
+        result = measure_variant(args.variant, settings)
+    except ValueError as error:  # e.g. too few rows for the steps asked for: one line, not a traceback
+        raise SystemExit(f"python -m bench.training: error: {error}") from None
     Path(args.result).write_text(json.dumps(result))
 
 

@@ -142,6 +142,12 @@ def build_cases(tmp: Path) -> list[Case]:
     build_cases.busy = busy  # held open while the cases run
 
     evaluate = ["evaluate.py", *base, "--dataset", str(data), "--adapters", str(adapter), "--max-new-tokens", "4"]
+    bench = [*base, "--dataset", str(data), "--variants", "lora", "--generate-prompts", "0"]
+    samples = tmp / "samples"  # two models' per-sample files, scored on different items
+    samples.mkdir()
+    for name, tasks in [("one", ["held_out/0"]), ("two", ["held_out/1"])]:
+        (samples / f"{name}.jsonl").write_text("".join(json.dumps({"task": task, "code": "x", "valid": True}) + "\n"
+                                                       for task in tasks))
     cases = [
         # train.py: options out of range
         train("max-steps -1", "--max-steps", "-1", expect="--max-steps: must be >= 1"),
@@ -285,6 +291,27 @@ def build_cases(tmp: Path) -> list[Case]:
         Case("sweep outputs is a file", ["sweep.py", *base, "--dataset", str(data), "--outputs", str(a_file)],
              expect="a_file.txt", keep=[a_file]),
         Case("sweep limit 0", ["sweep.py", *base, "--limit", "0"], expect="--limit: must be >= 1"),
+        # paired_tests.py
+        Case("paired tests samples missing", ["paired_tests.py", "a", "b", "--samples", str(tmp / "nope")],
+             expect="nope"),
+        Case("paired tests on different items", ["paired_tests.py", "one", "two", "--samples", str(samples)],
+             expect="not scored on the same"),
+        # the benchmarks
+        Case("bench steps 0", ["-m", "bench", *bench, "--steps", "0"], expect="--steps: must be >= 1"),
+        Case("bench warmup-steps -1", ["-m", "bench", *bench, "--warmup-steps", "-1"], expect="--warmup-steps"),
+        Case("bench generate-prompts -1", ["-m", "bench", *bench, "--generate-prompts", "-1"],
+             expect="--generate-prompts"),
+        Case("bench variant unknown", ["-m", "bench", *bench, "--variants", "lora,foo"], expect="unknown variant"),
+        Case("bench model missing folder", ["-m", "bench", "--model", str(tmp / "nowhere")], expect="nowhere"),
+        Case("bench dataset missing", ["-m", "bench", *base, "--dataset", str(tmp / "nope.jsonl")], expect="nope.jsonl"),
+        Case("bench output under a file", ["-m", "bench", *bench, "--output", str(a_file / "R.md")],
+             expect="a_file.txt", keep=[a_file]),
+        Case("bench max-length 5 (no step fits)", ["-m", "bench", *bench, "--max-length", "5", "--output",
+                                                  str(tmp / "R.md")], expect="failed"),
+        Case("bench batch sizes 0", ["-m", "bench.batch_size", *base, "--batch-sizes", "16,0"], expect="--batch-sizes"),
+        Case("bench batch sizes adapter missing", ["-m", "bench.batch_size", *base, "--adapter", str(tmp / "nope")],
+             expect="nope"),
+        Case("bench serving clients x", ["-m", "bench.serving", *base, "--clients", "1,x"], expect="--clients"),
     ]
     return cases
 
