@@ -142,9 +142,9 @@ NOTES = """## How to read this
   `+ckpt` rows: ours with `--gradient-checkpointing` (non-reentrant, every decoder layer).
 - Profile sections (`python -m bench --profile`, `make bench-profile`): torch.profiler over the timed steps
   of our LoRA and PEFT + Trainer, each operator's self time (CPU time on the CPU, kernel time on a GPU)
-  sorted by bench/profile.py into matmuls, attention, optimizer, copies and casts, and the rest. Matmuls and
-  attention are the same work in every variant, so PEFT's step time over our matmul + attention time is
-  the most any loop could gain over PEFT on these rows without doing less work.
+  sorted by bench/profile.py into matmuls, attention, optimizer, copies and casts, and the rest. Our matmuls
+  and attention are the least work these rows need (PEFT's LM head also runs at unlabelled positions), so
+  PEFT's step time over our matmul + attention time is the most any loop could gain over PEFT here.
 - GPU figures come from `python -m bench --model random-gemma-2-2b --device cuda` (every variant, Gemma-2-2B's
   shapes with random weights, rows of 768 tokens); `../shared/gpu/README.md` is the recipe for a lent H200.
 - Tokens/s counts supervised tokens (those with a label: the answers), the same count for every variant.
