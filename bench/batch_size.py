@@ -14,10 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
-from bench.generation import held_out_prompts, timed
+from bench.generation import held_out_prompts, load_generator, timed
 from generate import GenerationSettings, Generator
-from lora import AdapterError
-from models import ModelLoadError
 from options import COUNT, COUNTS, DEVICE, add_model_option
 
 
@@ -50,10 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", type=DEVICE, help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--result", help="JSON file for the measurements")
     args = parser.parse_args(argv)
-    try:
-        generator = Generator.load(args.model, args.adapter, args.device)
-    except (ModelLoadError, AdapterError) as error:
-        parser.error(str(error))
+    generator = load_generator(parser, args)
     prompts = held_out_prompts(args.dataset, args.prompts)
     results = measure_batch_sizes(generator, prompts, args.batch_sizes, GenerationSettings(args.max_new_tokens))
     if args.result:

@@ -20,6 +20,8 @@ from bench.training import BenchSettings
 from chat_format import user_turn
 from data.dataset import load_rows, split_rows
 from generate import GenerationSettings, Generator
+from lora import AdapterError
+from models import ModelLoadError
 
 
 def held_out_instructions(dataset: str, count: int) -> list[tuple[str, str]]:
@@ -31,6 +33,14 @@ def held_out_instructions(dataset: str, count: int) -> list[tuple[str, str]]:
 
 def held_out_prompts(dataset: str, count: int) -> list[str]:
     return [user_turn(instruction, input) for instruction, input in held_out_instructions(dataset, count)]
+
+
+def load_generator(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Generator:
+    """args.model with args.adapter on args.device; a bad model or adapter is the parser's one-line error."""
+    try:
+        return Generator.load(args.model, args.adapter, args.device)
+    except (ModelLoadError, AdapterError) as error:
+        parser.error(str(error))
 
 
 def timed(device: torch.device, work):

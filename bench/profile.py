@@ -18,12 +18,14 @@ MICROSECONDS = 1e-6
 
 # Kinds of work: each operator is matched by its exact name (aten operators on any device), else by a
 # part of its name (GPU kernels, whose names vary by library), in this order; the rest is OTHER.
+MATMULS = "matmuls (linear layers, LoRA, LM head)"
+ATTENTION = "attention"
 KINDS: tuple[tuple[str, frozenset[str], tuple[str, ...]], ...] = (
-    ("matmuls (linear layers, LoRA, LM head)",
+    (MATMULS,
      frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
                 "aten::_addmm_activation"}),
      ("gemm", "cutlass", "mkldnn_matmul")),
-    ("attention", frozenset(), ("attention", "flash")),
+    (ATTENTION, frozenset(), ("attention", "flash")),
     ("optimizer (AdamW, clipping)", frozenset(), ("_foreach", "adam", "clip_grad")),
     ("copies and dtype casts",
      frozenset({"aten::copy_", "aten::to", "aten::_to_copy", "aten::clone", "aten::contiguous", "aten::cat",
@@ -31,7 +33,7 @@ KINDS: tuple[tuple[str, frozenset[str], tuple[str, ...]], ...] = (
      ("memcpy",)),
 )
 OTHER = "everything else (elementwise, norms, softmax, loss, autograd bookkeeping)"
-NEEDED = ("matmuls (linear layers, LoRA, LM head)", "attention")  # work no variant can skip
+NEEDED = (MATMULS, ATTENTION)  # at our step's size, the least work these rows need
 
 
 def kind_of(name: str) -> str:

@@ -20,10 +20,8 @@ from pathlib import Path
 
 import serve
 from batcher import BatchScheduler
-from bench.generation import held_out_instructions
+from bench.generation import held_out_instructions, load_generator
 from generate import Generator
-from lora import AdapterError
-from models import ModelLoadError
 from options import COUNT, COUNTS, DEVICE, add_model_option
 
 
@@ -105,10 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--result", help="JSON file for the measurements")
     args = parser.parse_args(argv)
     name = Path(args.adapter).name if args.adapter else serve.BASE
-    try:
-        generators = {name: Generator.load(args.model, args.adapter, args.device)}
-    except (ModelLoadError, AdapterError) as error:
-        parser.error(str(error))
+    generators = {name: load_generator(parser, args)}
     instructions = [f"{instruction}\n{input}" if input else instruction
                     for instruction, input in held_out_instructions(args.dataset, 64)]
     results = []
