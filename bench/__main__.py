@@ -33,7 +33,7 @@ from data.dataset import DataError, load_rows
 from files import FileError, check_writable
 from options import COUNT, DEVICE, NON_NEGATIVE_INT
 from bench.measure import machine_description, matmul_flops_per_second
-from bench.profile import bound_lines, profile_table
+from bench.profile import bound_lines, largest_other_lines, profile_table
 from bench.report import LABELS, Summary, generation_summary, generation_table, target_lines, training_table
 from bench.training import DEFAULT_VARIANTS, RANDOM_GEMMA2_2B, VARIANTS, BenchSettings, random_model_dir
 
@@ -111,6 +111,7 @@ def profile_document(kind: str, command: str, settings: BenchSettings, results: 
         profile_table(results),
         "",
         *bound_lines(results),
+        *largest_other_lines(results),
         "",
     ])
 

@@ -83,6 +83,23 @@ def profile_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def largest_other(operators: list[tuple[str, float]], steps: int, count: int = 8) -> list[tuple[str, float]]:
+    """The `count` operators of OTHER with the most self time, in seconds per step: where to look next."""
+    other = sorted(((name, seconds / steps) for name, seconds in operators if kind_of(name) == OTHER),
+                   key=lambda pair: -pair[1])
+    return other[:count]
+
+
+def largest_other_lines(results: list[dict]) -> list[str]:
+    """One line per variant naming its largest operators in "everything else"."""
+    lines = []
+    for result in results:
+        named = ", ".join(f"`{name}` {seconds:.2f}"
+                          for name, seconds in largest_other(result["profile"], result["profiled_steps"]))
+        lines.append(f"- Largest in everything else, {LABELS[result['variant']]} (s per step): {named}.")
+    return lines
+
+
 def bound_lines(results: list[dict]) -> list[str]:
     """What the profile implies for the fastest step on these rows, against PEFT + Trainer."""
     by_variant = {r["variant"]: r for r in results}

@@ -13,7 +13,7 @@ from transformers import Gemma3TextConfig
 
 from bench.__main__ import merged_report
 from bench.measure import useful_step_flops
-from bench.profile import OTHER, bound_lines, kind_of, profile_table, seconds_by_kind
+from bench.profile import OTHER, bound_lines, kind_of, largest_other, largest_other_lines, profile_table, seconds_by_kind
 from bench.report import Summary, target_lines, training_table
 from bench.training import VARIANTS, BenchSettings, measure_variant, trainer_arguments
 from conftest import build_tiny_model, make_tiny_tokenizer
@@ -105,6 +105,8 @@ def test_operators_are_sorted_into_kinds_of_work():
     totals = seconds_by_kind([("aten::mm", 2.0), ("aten::addmm", 1.0), ("aten::mul", 0.5)])
     assert totals["matmuls (linear layers, LoRA, LM head)"] == 3.0 and totals[OTHER] == 0.5
     assert totals["attention"] == 0.0 and len(totals) == 5
+    operators = [("aten::mm", 9.0), ("aten::mul", 1.0), ("aten::tanh", 3.0), ("aten::add", 2.0)]
+    assert largest_other(operators, steps=2, count=2) == [("aten::tanh", 1.5), ("aten::add", 1.0)]
 
 
 def test_a_profiled_run_accounts_for_its_step_and_bounds_the_speedup(tiny_bench):
@@ -122,6 +124,8 @@ def test_a_profiled_run_accounts_for_its_step_and_bounds_the_speedup(tiny_bench)
     lines = bound_lines(results)
     assert len(lines) == 2 and "x PEFT's speed at most" in lines[1]
     assert bound_lines(results[:1]) == []
+    named = largest_other_lines(results)
+    assert len(named) == 2 and all(line.count("`") >= 2 for line in named)
 
 
 def test_batch_size_bench_compares_sizes_on_the_same_prompts():
