@@ -45,7 +45,7 @@ DEFAULT_VARIANTS = {"cpu": ("lora", "qlora", "peft-lora", "peft-qlora", "lora+co
                     "cuda": VARIANTS}
 # Random weights with Gemma-2-2B's exact shapes, for GPU runs (no download, no tokenizer needed).
 RANDOM_GEMMA2_2B = "random-gemma-2-2b"
-RANDOM_MODEL_LENGTH = train.STUDY_MAX_LENGTH  # random-model rows are exactly the study's max length
+RANDOM_MODEL_LENGTH = train.STUDY.max_length  # random-model rows are exactly the study's max length
 RANDOM_MODEL_PROMPT_FRACTION = 0.25  # the first quarter of each random row is "prompt", unlabelled
 
 Example = dict[str, list[int]]
