@@ -112,9 +112,14 @@ def resolve_defaults(config: TrainConfig, device: torch.device) -> TrainConfig:
         config,
         alpha=config.alpha if config.alpha is not None else 2.0 * config.rank,
         compile=config.compile if config.compile is not None else device.type == "cuda",
-        **{field: getattr(recipe, field) if getattr(config, field) is None else getattr(config, field)
-           for field in ("epochs", "max_length", "lr", "token_lr_scale")},
+        **{field.name: getattr(recipe, field.name) if getattr(config, field.name) is None else getattr(config, field.name)
+           for field in dataclasses.fields(Recipe)},
     )
+
+
+def recipe_default(field: str) -> str:
+    """The --help text of a setting the recipe fills: both recipes' values."""
+    return f"default: {getattr(STUDY, field):g}; {getattr(EMBEDDED_CPU, field):g} for the embedded defaults on a CPU"
 
 
 def learning_rate(step: int, max_lr: float, warmup: int, total: int) -> float:
@@ -356,8 +361,7 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
              "pretrained Gemma checkpoints, so a model could not learn to end its answer; 'none'; or "
              "comma-separated tokens or ids")
     add("--token-lr-scale", type=POSITIVE, default=None,
-        help=f"learning rate of the token rows as a multiple of --lr (default: {STUDY.token_lr_scale:g}; "
-             f"{EMBEDDED_CPU.token_lr_scale:g} for the embedded defaults on a CPU)")
+        help=f"learning rate of the token rows as a multiple of --lr ({recipe_default('token_lr_scale')})")
     add("--qlora", action="store_true", help="quantize the decoder's linear layers to NF4 (QLoRA)")
     add("--compile", action=argparse.BooleanOptionalAction, default=None,
         help="torch.compile each decoder layer (default: on for CUDA; off on the CPU, where `make bench` "
@@ -368,15 +372,15 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
     add("--grad-accum", type=COUNT, default=defaults.grad_accum,
         help="micro-batches per optimizer step (default: %(default)s)")
     add("--lr", type=POSITIVE, default=None,
-        help=f"peak learning rate (default: {STUDY.lr:g}; {EMBEDDED_CPU.lr:g} for the embedded defaults on a CPU)")
+        help=f"peak learning rate ({recipe_default('lr')})")
     add("--weight-decay", type=NON_NEGATIVE, default=defaults.weight_decay, help="AdamW weight decay (default: %(default)s)")
     add("--warmup-steps", type=NON_NEGATIVE_INT, default=defaults.warmup_steps,
         help="linear warmup steps, capped at 5%% of the run (default: %(default)s)")
     add("--epochs", type=COUNT, default=None,
-        help=f"passes over the data (default: {STUDY.epochs}; {EMBEDDED_CPU.epochs} for the embedded defaults on a CPU)")
+        help=f"passes over the data ({recipe_default('epochs')})")
     add("--max-steps", type=COUNT, default=None, help="stop after this many optimizer steps")
     add("--max-length", type=COUNT, default=None,
-        help=f"drop longer rows (default: {STUDY.max_length}; {EMBEDDED_CPU.max_length} for the embedded defaults on a CPU)")
+        help=f"drop longer rows ({recipe_default('max_length')})")
     add("--grad-clip", type=POSITIVE, default=defaults.grad_clip, help="gradient norm clip (default: %(default)s)")
     add("--seed", type=SEED, default=defaults.seed, help="seed for init, dropout and data order (default: %(default)s)")
     add("--save-every", type=COUNT, default=defaults.save_every, help="checkpoint every N steps (default: %(default)s)")

@@ -41,7 +41,6 @@ def test_warmup_scales_down_for_short_runs():
     assert train.warmup_for(3, 150) == 1
 
 
-
 def test_the_recipe_fills_only_what_the_user_left_to_it():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     embedded = train.resolve_defaults(train.TrainConfig(), cpu)
@@ -53,6 +52,7 @@ def test_the_recipe_fills_only_what_the_user_left_to_it():
         assert (resolved.epochs, resolved.max_length, resolved.lr, resolved.token_lr_scale) == (3, 768, 2.5e-4, 10.0)
     chosen = train.resolve_defaults(train.parse_args(["--lr", "3e-4", "--epochs", "1"]), cpu)
     assert (chosen.lr, chosen.epochs, chosen.max_length, chosen.token_lr_scale) == (3e-4, 1, 256, 2.5)
+
 
 # ------------------------------------------------------------------ loss
 
