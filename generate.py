@@ -16,7 +16,7 @@ import argparse
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -119,8 +119,10 @@ class Generator:
 
     def complete(self, prompts: Sequence[str], settings: GenerationSettings, batch_size: int = 16,
                  stop_strings: Sequence[str] = (), on_batch: Callable[[list[int], list[Completion]], None] | None = None,
-                 ) -> list[Completion]:
+                 shrink: bool = True) -> list[Completion]:
         """Complete every prompt, `batch_size` at a time, longest first (less padding per batch).
+        Each batch shrinks as its rows finish (`_complete_shrinking`); `shrink=False` generates it in
+        one piece instead (for `python -m bench.batch_size --fixed-too`).
 
         `stop_strings` end a completion early (and are cut off); `on_batch(indices, completions)`
         is called after each batch, e.g. to save progress.
@@ -128,13 +130,48 @@ class Generator:
         lengths = [len(ids) for ids in self.tokenizer(list(prompts)).input_ids]
         order = sorted(range(len(prompts)), key=lambda index: -lengths[index])
         completions: list[Completion | None] = [None] * len(prompts)
+        complete_batch = self._complete_shrinking if shrink else self.generate_batch
         for batch in _chunks(order, batch_size):
-            results = self.generate_batch([prompts[index] for index in batch], settings, stop_strings)
+            results = complete_batch([prompts[index] for index in batch], settings, stop_strings)
             for index, result in zip(batch, results):
                 completions[index] = result
             if on_batch:
                 on_batch(batch, results)
         return completions  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def _complete_shrinking(self, prompts: list[str], settings: GenerationSettings,
+                            stop_strings: Sequence[str]) -> list[Completion]:
+        """One batch whose finished rows leave it. A batch steps as long as its longest answer, and a
+        finished row costs as much per step as a live one: in `make eval` a few answers that loop to
+        the token limit kept 83% of the rows idle. So once no more than a quarter of the rows are still
+        generating, the batch stops and those rows go on alone, their prompt and answer so far prefilled
+        again. Greedy answers are the same as in one batch, up to the rounding of another batch shape."""
+        if settings.temperature > 0:
+            torch.manual_seed(settings.seed)  # once: every part of the batch draws from one stream
+        answers: list[list[int]] = [[] for _ in prompts]
+        contexts = self.tokenizer(prompts).input_ids
+        live = list(range(len(prompts)))
+        while live:
+            budget = replace(settings, max_new_tokens=settings.max_new_tokens - len(answers[live[0]]))
+            rows = [contexts[index] + answers[index] for index in live]
+            until = _UntilFewAreLive(self._ends(), keep=len(live) // 4, prompt_length=max(map(len, rows)))
+            new = self._generate_ids(rows, budget, stop_strings, stopping_criteria=until)
+            for index, ids in zip(live, new):
+                answers[index] += ids
+            live = [index for index in live if len(answers[index]) < settings.max_new_tokens
+                    and not self._finished(answers[index], stop_strings)]
+        return [self.to_completion(ids, stop_strings) for ids in answers]
+
+    def _ends(self) -> list[int]:
+        """Token ids after which a row generates nothing more: its stop tokens, then padding."""
+        return [*self.stop_ids, self.pad_id]
+
+    def _finished(self, ids: list[int], stop_strings: Sequence[str]) -> bool:
+        if any(token in self._ends() for token in ids):
+            return True
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return any(stop in text for stop in stop_strings)
 
     def stream(self, prompt: str, settings: GenerationSettings) -> Completion:
         """Complete one prompt, printing its text to stdout as it is generated."""
@@ -147,16 +184,22 @@ class Generator:
                        stopping_criteria: StoppingCriteria | None = None) -> list[Completion]:
         """One batch, as it comes. `streamer.put` gets each step's new tokens (one per row, after the
         prompt ids); `stopping_criteria` can end rows early (True per row), e.g. a client gone away."""
-        inputs = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.model.device)
         if settings.temperature > 0:
             torch.manual_seed(settings.seed)
+        new = self._generate_ids(self.tokenizer(prompts).input_ids, settings, stop_strings, streamer, stopping_criteria)
+        return [self.to_completion(ids, stop_strings) for ids in new]
+
+    def _generate_ids(self, contexts: list[list[int]], settings: GenerationSettings, stop_strings: Sequence[str],
+                      streamer: BaseStreamer | None = None,
+                      stopping_criteria: StoppingCriteria | None = None) -> list[list[int]]:
+        """Token ids in, left-padded into one batch; each row's new ids out (padded after a stop)."""
+        inputs = self.tokenizer.pad({"input_ids": contexts}, return_tensors="pt").to(self.model.device)
         output = self.model.generate(
             **inputs, generation_config=self._generation_config(settings, stop_strings),
             tokenizer=self.tokenizer if stop_strings else None, streamer=streamer,
             stopping_criteria=StoppingCriteriaList([stopping_criteria] if stopping_criteria else []),
         )
-        new_tokens = output[:, inputs["input_ids"].shape[1]:]
-        return [self.to_completion(row.tolist(), stop_strings) for row in new_tokens]
+        return output[:, inputs["input_ids"].shape[1]:].tolist()
 
     def _generation_config(self, settings: GenerationSettings, stop_strings: Sequence[str]) -> GenerationConfig:
         sampling = settings.temperature > 0
@@ -180,6 +223,21 @@ class Generator:
         for stop in stop_strings:
             text = text.split(stop, 1)[0]
         return Completion(text, generated)
+
+
+class _UntilFewAreLive(StoppingCriteria):
+    """Stops the whole batch once at most `keep` rows are still generating (a row has ended when its
+    new tokens, after the left-padded prompts' `prompt_length`, hold a stop token or padding); `keep=0`
+    lets the batch run until every row has ended."""
+
+    def __init__(self, ends: list[int], keep: int, prompt_length: int):
+        self.ends, self.keep, self.prompt_length = ends, keep, prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        new = input_ids[:, self.prompt_length:]
+        ended = torch.isin(new, torch.tensor(self.ends, device=new.device)).any(dim=1)
+        stop = int((~ended).sum()) <= self.keep
+        return torch.full_like(ended, stop)
 
 
 def _contiguous_input(module: torch.nn.Module, args: tuple) -> tuple:

@@ -2,16 +2,19 @@
 held-out chat prompts, model, adapter and token limit as `make eval`; only the batch size changes.
 
     python -m bench.batch_size --adapter outputs/lora_r16 --batch-sizes 16,64 --prompts 64
+    python -m bench.batch_size --adapter outputs/lora_r16 --batch-sizes 64 --prompts 128 --fixed-too
 
-Prints one line per batch size (seconds, generated tokens/s, answers identical to the first size's)
-and writes them as JSON with --result. A batch runs until its longest answer ends, so larger batches
-pay off when answers share that length (loops that run to the limit do).
+Prints one line per batch size (seconds, generated tokens/s, answers identical to the first line's)
+and writes them as JSON with --result. `Generator.complete` lets a batch shrink as its rows end;
+--fixed-too also times each batch generated in one piece (how it was before: finished rows padded
+until the batch's longest answer ends), to measure what the shrinking saves.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from functools import partial
 from pathlib import Path
 
 from bench.generation import held_out_prompts, load_generator, timed
@@ -20,19 +23,21 @@ from options import COUNT, COUNTS, DEVICE, add_model_option
 
 
 def measure_batch_sizes(generator: Generator, prompts: list[str], batch_sizes: list[int],
-                        settings: GenerationSettings) -> list[dict]:
+                        settings: GenerationSettings, fixed_too: bool = False) -> list[dict]:
     generator.complete(prompts[:1], GenerationSettings(max_new_tokens=2))  # first-call set-up, untimed
+    ways = {"shrinking": generator.complete, **({"fixed": partial(generator.complete, shrink=False)} if fixed_too else {})}
     results, first_texts = [], None
     for batch_size in batch_sizes:
-        completions, seconds = timed(generator.model.device,
-                                     lambda: generator.complete(prompts, settings, batch_size))
-        texts = [completion.text for completion in completions]
-        first_texts = first_texts or texts
-        new_tokens = sum(completion.new_tokens for completion in completions)
-        results.append({"batch_size": batch_size, "prompts": len(prompts), "seconds": round(seconds, 1),
-                        "new_tokens": new_tokens, "tokens_per_s": round(new_tokens / seconds, 1),
-                        "identical_to_first": sum(a == b for a, b in zip(texts, first_texts))})
-        print(json.dumps(results[-1]), flush=True)
+        for way, complete in ways.items():
+            completions, seconds = timed(generator.model.device, lambda: complete(prompts, settings, batch_size))
+            texts = [completion.text for completion in completions]
+            first_texts = first_texts or texts
+            new_tokens = sum(completion.new_tokens for completion in completions)
+            results.append({"batch_size": batch_size, "batches": way, "prompts": len(prompts),
+                            "seconds": round(seconds, 1), "new_tokens": new_tokens,
+                            "tokens_per_s": round(new_tokens / seconds, 1),
+                            "identical_to_first": sum(a == b for a, b in zip(texts, first_texts))})
+            print(json.dumps(results[-1]), flush=True)
     return results
 
 
@@ -46,11 +51,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=COUNT, default=GenerationSettings.max_new_tokens,
                         help="generation limit (default: %(default)s)")
     parser.add_argument("--device", type=DEVICE, help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--fixed-too", action="store_true",
+                        help="also time each batch generated in one piece, without the shrinking")
     parser.add_argument("--result", help="JSON file for the measurements")
     args = parser.parse_args(argv)
     generator = load_generator(parser, args)
     prompts = held_out_prompts(args.dataset, args.prompts)
-    results = measure_batch_sizes(generator, prompts, args.batch_sizes, GenerationSettings(args.max_new_tokens))
+    results = measure_batch_sizes(generator, prompts, args.batch_sizes, GenerationSettings(args.max_new_tokens),
+                                  args.fixed_too)
     if args.result:
         Path(args.result).write_text(json.dumps(results, indent=1))
 

@@ -135,9 +135,10 @@ def test_batch_size_bench_compares_sizes_on_the_same_prompts():
 
     generator = Generator(build_tiny_model("gemma3"), make_tiny_tokenizer())
     prompts = ["def add(a, b):\n", "<start_of_turn>user\nWrite fib<end_of_turn>\n<start_of_turn>model\n", "x = "]
-    results = measure_batch_sizes(generator, prompts, [1, 3], GenerationSettings(max_new_tokens=6))
-    assert [result["batch_size"] for result in results] == [1, 3]
-    assert results[0]["identical_to_first"] == 3 and all(result["prompts"] == 3 for result in results)
+    results = measure_batch_sizes(generator, prompts, [1, 3], GenerationSettings(max_new_tokens=6), fixed_too=True)
+    assert [(result["batch_size"], result["batches"]) for result in results] == [
+        (1, "shrinking"), (1, "fixed"), (3, "shrinking"), (3, "fixed")]
+    assert all(result["identical_to_first"] == 3 and result["prompts"] == 3 for result in results)
     assert all(result["new_tokens"] > 0 and result["tokens_per_s"] > 0 for result in results)
 
 

@@ -36,6 +36,28 @@ def test_batched_left_padded_generation_matches_one_at_a_time(generator):
     assert all(1 <= completion.new_tokens <= 8 for completion in batched)
 
 
+def test_rows_that_end_leave_the_batch_and_the_rest_go_on_alone(generator):
+    prompts = PROMPTS + ["def mul(a, b):\n", "class Stack:\n"]
+    settings = GenerationSettings(max_new_tokens=12)
+    answers = [generator._generate_ids(generator.tokenizer([prompt]).input_ids, settings, ())[0] for prompt in prompts]
+    # Stop tokens that end the first four answers early but never occur in the last one, which then
+    # goes on alone once the other four have ended (at most a quarter of the batch is left).
+    generator.stop_ids = [next(token for token in answer[1:6] if token not in answers[-1]) for answer in answers[:-1]]
+    batch_sizes = []
+    generator.model.lm_head.register_forward_hook(lambda module, args, output: batch_sizes.append(output.shape[0]))
+    together = generator.complete(prompts, settings, batch_size=len(prompts))
+    assert batch_sizes[0] == 5 and batch_sizes[-1] == 1
+    assert together[-1].new_tokens == 12 and all(completion.new_tokens < 12 for completion in together[:-1])
+    alone = [generator.complete([prompt], settings, batch_size=1)[0] for prompt in prompts]
+    assert together == alone
+
+
+def test_a_row_whose_answer_holds_a_stop_string_has_ended(generator):
+    ids = generator.tokenizer("a\ndef ", add_special_tokens=False).input_ids
+    assert generator._finished(ids, ("\ndef ",)) and not generator._finished(ids, ("\nclass ",))
+    assert generator._finished(ids[:1] + [generator.pad_id], ())
+
+
 def test_logits_are_computed_for_the_last_position_only_from_a_contiguous_input(generator):
     positions, contiguous = [], []
 
