@@ -75,6 +75,9 @@ class Report:
     bleu_mean: float
     bleu_std: float
     corpus_bleu: float
+    # The answers' total length over the references' (sacrebleu's tokens): below 1 corpus BLEU's brevity
+    # penalty exp(1 - 1/ratio) scales the score down, however precise the answers' n-grams are.
+    corpus_length_ratio: float
     held_out_pass: Rate
     humaneval_chat: Rate
     humaneval_raw: Rate
@@ -87,7 +90,8 @@ class Report:
         # The study's columns first; the syntax rate's own entry below then only adds its interval.
         row = {"model": self.label, "syntax_accuracy": round(self.syntax.percent, 2),
                "bleu_score": round(self.bleu_mean, 2), "bleu_std": round(self.bleu_std, 2)}
-        row |= {"corpus_bleu": round(self.corpus_bleu, 2), "adapter": self.adapter}
+        row |= {"corpus_bleu": round(self.corpus_bleu, 2), "corpus_length_ratio": round(self.corpus_length_ratio, 3),
+                "adapter": self.adapter}
         for name, rate in self.rates().items():
             low, high = rate.interval_percent
             row |= {name: round(rate.percent, 2), f"{name}_ci_low": round(low, 2), f"{name}_ci_high": round(high, 2),
@@ -102,13 +106,14 @@ class Report:
 
 
 def markdown_table(reports: Sequence[Report]) -> str:
-    header = ("| model | syntax valid % [95% CI] | defines the function % | BLEU mean ± std | corpus BLEU | HumanEval pass@1 chat | "
+    header = ("| model | syntax valid % [95% CI] | defines the function % | BLEU mean ± std | corpus BLEU (length ratio) | "
+              "HumanEval pass@1 chat | "
               "HumanEval pass@1 raw | held-out doctest pass@1 | ended turn % | generated tok/s |")
     lines = [header, "|---" * (header.count("|") - 1) + "|"]
     for report in reports:
         speed = f"{report.generation.tokens_per_second:.0f}" if report.generation.seconds else "-"
         lines.append(f"| {report.label} | {report.syntax} | {report.defines} | {report.bleu_mean:.2f} ± {report.bleu_std:.2f} | "
-                     f"{report.corpus_bleu:.2f} | {report.humaneval_chat} | {report.humaneval_raw} | "
+                     f"{report.corpus_bleu:.2f} ({report.corpus_length_ratio:.2f}) | {report.humaneval_chat} | {report.humaneval_raw} | "
                      f"{report.held_out_pass} | {report.ended} | {speed} |")
     trained = [report for report in reports if report.training]
     if trained:

