@@ -145,8 +145,8 @@ class Generator:
         """One batch whose finished rows leave it. A batch steps as long as its longest answer, and a
         finished row costs as much per step as a live one: in `make eval` a few answers that loop to
         the token limit kept 83% of the rows idle. So once no more than a quarter of the rows are still
-        generating, the batch stops and those rows go on alone, their prompt and answer so far prefilled
-        again. Greedy answers are the same as in one batch, up to the rounding of another batch shape."""
+        generating, the batch stops and those rows go on as a smaller batch, their prompt and answer so
+        far prefilled again. Greedy answers are those of one batch, up to the rounding of another shape."""
         if settings.temperature > 0:
             torch.manual_seed(settings.seed)  # once: every part of the batch draws from one stream
         answers: list[list[int]] = [[] for _ in prompts]
