@@ -107,8 +107,7 @@ class Report:
 
 def markdown_table(reports: Sequence[Report]) -> str:
     header = ("| model | syntax valid % [95% CI] | defines the function % | BLEU mean ± std | corpus BLEU (length ratio) | "
-              "HumanEval pass@1 chat | "
-              "HumanEval pass@1 raw | held-out doctest pass@1 | ended turn % | generated tok/s |")
+              "HumanEval pass@1 chat | HumanEval pass@1 raw | held-out doctest pass@1 | ended turn % | generated tok/s |")
     lines = [header, "|---" * (header.count("|") - 1) + "|"]
     for report in reports:
         speed = f"{report.generation.tokens_per_second:.0f}" if report.generation.seconds else "-"

@@ -151,11 +151,12 @@ class Generator:
             torch.manual_seed(settings.seed)  # once: every part of the batch draws from one stream
         answers: list[list[int]] = [[] for _ in prompts]
         contexts = self.tokenizer(prompts).input_ids
+        ends = torch.tensor(self._ends(), device=self.model.device)  # built once, checked at every step
         live = list(range(len(prompts)))
         while live:
             budget = replace(settings, max_new_tokens=settings.max_new_tokens - len(answers[live[0]]))
             rows = [contexts[index] + answers[index] for index in live]
-            until = _UntilFewAreLive(self._ends(), keep=len(live) // 4, prompt_length=max(map(len, rows)))
+            until = _UntilFewAreLive(ends, keep=len(live) // 4, prompt_length=max(map(len, rows)))
             new = self._generate_ids(rows, budget, stop_strings, stopping_criteria=until)
             for index, ids in zip(live, new):
                 answers[index] += ids
@@ -168,7 +169,7 @@ class Generator:
         return [*self.stop_ids, self.pad_id]
 
     def _finished(self, ids: list[int], stop_strings: Sequence[str]) -> bool:
-        if any(token in self._ends() for token in ids):
+        if not set(self._ends()).isdisjoint(ids):
             return True
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         return any(stop in text for stop in stop_strings)
@@ -230,12 +231,11 @@ class _UntilFewAreLive(StoppingCriteria):
     new tokens, after the left-padded prompts' `prompt_length`, hold a stop token or padding); `keep=0`
     lets the batch run until every row has ended."""
 
-    def __init__(self, ends: list[int], keep: int, prompt_length: int):
+    def __init__(self, ends: torch.Tensor, keep: int, prompt_length: int):
         self.ends, self.keep, self.prompt_length = ends, keep, prompt_length
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        new = input_ids[:, self.prompt_length:]
-        ended = torch.isin(new, torch.tensor(self.ends, device=new.device)).any(dim=1)
+        ended = torch.isin(input_ids[:, self.prompt_length:], self.ends).any(dim=1)
         stop = int((~ended).sum()) <= self.keep
         return torch.full_like(ended, stop)
 

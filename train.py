@@ -112,8 +112,8 @@ def resolve_defaults(config: TrainConfig, device: torch.device) -> TrainConfig:
         config,
         alpha=config.alpha if config.alpha is not None else 2.0 * config.rank,
         compile=config.compile if config.compile is not None else device.type == "cuda",
-        **{field.name: getattr(recipe, field.name) if getattr(config, field.name) is None else getattr(config, field.name)
-           for field in dataclasses.fields(Recipe)},
+        **{field.name: getattr(recipe, field.name) for field in dataclasses.fields(Recipe)
+           if getattr(config, field.name) is None},
     )
 
 

@@ -25,7 +25,9 @@ from options import COUNT, COUNTS, DEVICE, add_model_option
 def measure_batch_sizes(generator: Generator, prompts: list[str], batch_sizes: list[int],
                         settings: GenerationSettings, fixed_too: bool = False) -> list[dict]:
     generator.complete(prompts[:1], GenerationSettings(max_new_tokens=2))  # first-call set-up, untimed
-    ways = {"shrinking": generator.complete, **({"fixed": partial(generator.complete, shrink=False)} if fixed_too else {})}
+    ways = {"shrinking": generator.complete}
+    if fixed_too:
+        ways["fixed"] = partial(generator.complete, shrink=False)
     results, first_texts = [], None
     for batch_size in batch_sizes:
         for way, complete in ways.items():
