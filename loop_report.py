@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from chat_format import extract_code
 from files import FileError, read_jsonl
 from generate import GenerationSettings
 from options import COUNT
@@ -75,8 +76,9 @@ def ends_a_definition(code: str) -> bool:
 
 
 def kind_of_loop(text: str) -> tuple[str, int | None]:
-    """(kind, the line where a loop inside the body starts) for an answer that hit the limit."""
-    code = _code_part(text)
+    """(kind, the line where a loop inside the body starts) for an answer that hit the limit, judged
+    on its code as evaluate.py extracts it."""
+    code = extract_code(text)
     if ends_a_definition(code):
         return "after a definition", None
     lines = code.splitlines()
@@ -86,18 +88,11 @@ def kind_of_loop(text: str) -> tuple[str, int | None]:
     return ("within a line" if max(map(len, lines), default=0) > LONG_LINE else "other"), None
 
 
-def _code_part(text: str) -> str:
-    """The answer from its first fenced block on (a loop never closes its fence), or the whole answer."""
-    opening = re.search(r"```[\w+-]*\n", text)
-    return text[opening.end():] if opening else text
-
-
 def count_loops(records: Sequence[dict], max_new_tokens: int) -> LoopCounts:
     counts = LoopCounts(answers=len(records))
     for record in records:
-        lines = _code_part(record["text"]).splitlines()
         if record["new_tokens"] < max_new_tokens:
-            counts.ended_lines.append(len(lines))
+            counts.ended_lines.append(len(extract_code(record["text"]).splitlines()))
             continue
         counts.at_limit += 1
         kind, start = kind_of_loop(record["text"])
@@ -123,10 +118,12 @@ def _median(values: list[int]) -> str:
     return f"{statistics.median(values):g}" if values else "-"
 
 
-def _median_and_quartiles(values: list[int]) -> str:
-    if len(values) < 2:
-        return str(values[0] + 1) if values else "-"
-    low, middle, high = statistics.quantiles([value + 1 for value in values], n=4)
+def _median_and_quartiles(starts: list[int]) -> str:
+    """Of 0-based line indices, as 1-based line numbers."""
+    numbers = [start + 1 for start in starts]
+    if len(numbers) < 2:  # statistics.quantiles needs two
+        return str(numbers[0]) if numbers else "-"
+    low, middle, high = statistics.quantiles(numbers, n=4)
     return f"{middle:g} [{low:g}, {high:g}]"
 
 
