@@ -140,7 +140,9 @@ NOTES = """## How to read this
   gradient checkpointing and casts the non-quantized weights (embeddings, norms) to fp32.
   `+compile` rows: ours with `train.py --compile` (each decoder layer `torch.compile`d, LoRA inside;
   the first, untimed step pays the compilation), PEFT with `TrainingArguments(torch_compile=True)`;
-  `+ckpt` rows: ours with `--gradient-checkpointing` (non-reentrant, every decoder layer).
+  `+ckpt` rows: ours with `--gradient-checkpointing` (non-reentrant, every decoder layer); `+nodrop` rows (1d)
+  and (3d): ours and PEFT with LoRA dropout 0 (`train.py --dropout 0`), which shows what drawing the dropout
+  masks costs each; the 2.5x target compares (3) with our variants that keep the dropout.
 - Profile sections (`python -m bench --profile`, `make bench-profile`): torch.profiler over the timed steps
   of our LoRA and PEFT + Trainer, each operator's self time (CPU time on the CPU, kernel time on a GPU)
   sorted by bench/profile.py into matmuls, attention, optimizer, copies and casts, and the rest. Our matmuls

@@ -9,8 +9,9 @@ peak memory), on the same micro-batches in the same order:
                 also switches on gradient checkpointing and casts the non-quantized weights to fp32)
 
 and the same with an option: `+compile` (ours: train.py --compile, each decoder layer compiled;
-PEFT: TrainingArguments(torch_compile=True), the switch a Trainer user would flip) or `+ckpt`
-(ours: train.py --gradient-checkpointing).
+PEFT: TrainingArguments(torch_compile=True), the switch a Trainer user would flip), `+ckpt`
+(ours: train.py --gradient-checkpointing) or `+nodrop` (ours and PEFT: LoRA dropout 0, what the
+dropout's random masks cost).
 
 All use train.TrainConfig's defaults (the study's): LoRA r=16, alpha 32, dropout 0.05 on q/k/v/o,
 batch 4 x accumulation 4, AdamW lr 2.5e-4, weight decay 0.01, clip 1.0. The learning rate is held
@@ -22,6 +23,7 @@ constant (no warmup or decay) in every variant, so the schedules cannot differ.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 from dataclasses import dataclass
@@ -38,10 +40,11 @@ from data.dataset import collate, encode_rows, load_rows, split_rows
 from loss import count_supervised
 
 VARIANTS = ("lora", "qlora", "peft-lora", "peft-qlora", "lora+compile", "qlora+compile", "peft-lora+compile",
-            "lora+ckpt", "qlora+ckpt")
+            "lora+ckpt", "qlora+ckpt", "lora+nodrop", "peft-lora+nodrop")
 # What `make bench` runs by default: the CPU has no use for checkpointing (memory is plenty) and
 # compiling QLoRA adds nothing the LoRA row would not show.
-DEFAULT_VARIANTS = {"cpu": ("lora", "qlora", "peft-lora", "peft-qlora", "lora+compile", "peft-lora+compile"),
+DEFAULT_VARIANTS = {"cpu": ("lora", "qlora", "peft-lora", "peft-qlora", "lora+compile", "peft-lora+compile",
+                            "lora+nodrop", "peft-lora+nodrop"),
                     "cuda": VARIANTS}
 # Random weights with Gemma-2-2B's exact shapes, for GPU runs (no download, no tokenizer needed).
 RANDOM_GEMMA2_2B = "random-gemma-2-2b"
@@ -64,7 +67,7 @@ class BenchSettings:
 
     def train_config(self, variant: str) -> train.TrainConfig:
         """train.py's config with its (the study's) hyper-parameters for this variant, resolved for this
-        device; compile and checkpointing only where the variant names them."""
+        device; compile, checkpointing and dropout 0 only where the variant names them."""
         model, max_length = self.model, self.max_length
         if model == RANDOM_GEMMA2_2B:
             model, max_length = str(random_model_dir()), max_length or RANDOM_MODEL_LENGTH
@@ -72,6 +75,8 @@ class BenchSettings:
         config = train.TrainConfig(model=model, dataset=self.dataset, qlora=base.endswith("qlora"), device=self.device,
                                    max_length=max_length, compile=option == "compile",
                                    gradient_checkpointing=option == "ckpt")
+        if option == "nodrop":
+            config = dataclasses.replace(config, dropout=0.0)
         return train.resolve_defaults(config, torch.device(self.device))
 
 

@@ -43,15 +43,33 @@ def test_all_variants_train_on_the_same_rows_and_agree_at_step_one(tiny_bench):
     assert results["lora"]["losses"][0] == pytest.approx(results["peft-lora"]["losses"][0], rel=1e-3)
     assert results["qlora"]["losses"][0] == pytest.approx(results["peft-qlora"]["losses"][0], rel=1e-2)
     for variant, plain in [("lora+compile", "lora"), ("lora+ckpt", "lora"), ("qlora+compile", "qlora"),
-                           ("qlora+ckpt", "qlora"), ("peft-lora+compile", "peft-lora")]:
+                           ("qlora+ckpt", "qlora"), ("peft-lora+compile", "peft-lora"), ("lora+nodrop", "lora"),
+                           ("peft-lora+nodrop", "peft-lora")]:
         assert results[variant]["losses"][0] == pytest.approx(results[plain]["losses"][0], rel=1e-3), variant
 
     summaries = [Summary.of(result, warmup_steps=1) for result in results.values()]
     table = training_table(summaries, matmul_flops=1e12)
     assert table.count("\n") == 1 + len(results) and "| 1.00x |" in table
     targets = target_lines(summaries, matmul_flops=1e12)
-    assert len(targets) == 5 and targets[1].startswith("- for comparison: our LoRA vs (3c)")
-    assert len(target_lines([s for s in summaries if s.variant != "peft-lora+compile"], 1e12)) == 4
+    assert len(targets) == 6 and targets[1].startswith("- for comparison: our LoRA vs (3c)")
+    assert targets[2].startswith("- for comparison: (1d) vs (3d)")
+    assert len(target_lines([s for s in summaries if s.variant != "peft-lora+compile"], 1e12)) == 5
+
+
+def test_only_the_nodrop_variants_train_without_dropout(tiny_bench):
+    for variant in VARIANTS:
+        assert tiny_bench.train_config(variant).lora_config().dropout == (0.0 if variant.endswith("+nodrop") else 0.05)
+
+
+def test_our_lora_against_peft_s_is_the_fastest_variant_with_dropout():
+    def summary(variant: str, tokens_per_s: float) -> Summary:
+        return Summary(variant, 1.0, tokens_per_s, 1e12, 1, 1, 2.0, 1.0)
+
+    summaries = [summary("lora", 200.0), summary("lora+nodrop", 400.0), summary("peft-lora", 100.0),
+                 summary("peft-lora+nodrop", 200.0)]
+    targets = target_lines(summaries, matmul_flops=1e13)
+    assert targets[0] == "- NOT met: our LoRA ((1) ours, LoRA) >= 2.5x the tokens/s of (3): 2.00x"
+    assert targets[1].startswith("- for comparison: (1d) vs (3d), both with LoRA dropout 0: 2.00x")
 
 
 def test_the_compiled_peft_variant_flips_the_trainer_s_own_switch(tiny_bench, tmp_path):
