@@ -23,7 +23,6 @@ constant (no warmup or decay) in every variant, so the schedules cannot differ.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import tempfile
 from dataclasses import dataclass
@@ -74,9 +73,8 @@ class BenchSettings:
         base, _, option = variant.partition("+")
         config = train.TrainConfig(model=model, dataset=self.dataset, qlora=base.endswith("qlora"), device=self.device,
                                    max_length=max_length, compile=option == "compile",
-                                   gradient_checkpointing=option == "ckpt")
-        if option == "nodrop":
-            config = dataclasses.replace(config, dropout=0.0)
+                                   gradient_checkpointing=option == "ckpt",
+                                   dropout=0.0 if option == "nodrop" else train.TrainConfig.dropout)
         return train.resolve_defaults(config, torch.device(self.device))
 
 
