@@ -1,5 +1,5 @@
 """Generations of a model (and adapter) cached on disk: keyed by the model's and the adapter's files,
-the prompt, the settings and the stop strings, so a rerun of an evaluation only generates what
+the device kind and dtype they run in, the prompt, the settings and the stop strings, so a rerun of an evaluation only generates what
 changed, and an interrupted one keeps what it had generated."""
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ class GenerationCache:
     """Generations of one model + adapter, one JSON line each, appended as batches finish (an
     interrupted run keeps what it generated). Keyed by prompt, settings and stop strings."""
 
-    def __init__(self, directory: Path, spec: ModelSpec):
-        self.path = directory / f"{spec.label}-{model_fingerprint(spec)[:16]}.jsonl"
+    def __init__(self, directory: Path, spec: ModelSpec, compute: str):
+        self.path = directory / f"{spec.label}-{model_fingerprint(spec, compute)[:16]}.jsonl"
         self.entries: dict[str, Completion] = {}
         if self.path.exists():
             self._load()
@@ -67,9 +67,11 @@ class GenerationCache:
                 handle.write(json.dumps({"key": key, "text": completion.text, "new_tokens": completion.new_tokens}) + "\n")
 
 
-def model_fingerprint(spec: ModelSpec) -> str:
-    """Changes when the base model's files or the adapter's files change."""
+def model_fingerprint(spec: ModelSpec, compute: str) -> str:
+    """Changes when the base model's files, the adapter's files or `compute` (e.g. "cpu:float32": the same
+    weights greedy-decode differently in bf16 and float32) change."""
     digest = hashlib.sha256(spec.model.encode())
+    digest.update(compute.encode())
     model_path = Path(models.resolve_model_path(spec.model))
     if model_path.is_dir():  # size and time stand for the (large) weight files
         for file in sorted(model_path.iterdir()):

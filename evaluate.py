@@ -312,10 +312,12 @@ def evaluate_models(args: argparse.Namespace, limits: Limits) -> None:
     suffix = f"_limit{args.limit}" if args.limit else ""
     details = outputs / f"eval_samples{suffix}"
     reports = [score("reference", "", tasks, reference_answers(tasks), limits, args.workers, details)]
+    device = models.pick_device(args.device)
+    compute = f"{device.type}:{models.dtype_name(models.pick_compute_dtype(device))}"
     for spec in specs:
         started = time.perf_counter()
-        generator = CachedGenerator(spec, GenerationCache(outputs / "eval_cache", spec), settings, args.batch_size,
-                                    args.device)
+        cache = GenerationCache(outputs / "eval_cache", spec, compute)
+        generator = CachedGenerator(spec, cache, settings, args.batch_size, args.device)
         report = score(spec.label, str(spec.adapter or ""), tasks, model_answers(generator, tasks), limits,
                        args.workers, details)
         report.generation = generator.stats

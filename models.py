@@ -119,11 +119,29 @@ def free_memory_bytes(device: torch.device) -> int | None:
 
 
 def pick_compute_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on the CPU (AMX makes it several times faster than fp32) and on GPUs that support it;
-    fp16 (to be trained with a GradScaler) on older GPUs."""
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
+    """bf16 on GPUs that support it, fp16 (to be trained with a GradScaler) on older GPUs. On the CPU,
+    bf16 only where the CPU multiplies bf16 natively (AVX-512 BF16 or AMX, where it is several times
+    faster than fp32); elsewhere (AVX2-only CPUs) torch emulates bf16 matmuls about 100x slower than
+    fp32 (0.001 vs 0.098 TFLOP/s measured on a 2-core AMD EPYC without AVX-512), so fp32."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+def cpu_has_native_bf16() -> bool:
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def describe_compute(device: torch.device, dtype: torch.dtype) -> str:
+    """One log line: where the model runs and in which dtype, and why fp32 on a CPU."""
+    line = f"compute: {device}, {dtype_name(dtype)}"
+    if device.type == "cpu" and dtype == torch.float32:
+        line += " (this CPU has no native bf16: AVX-512 BF16 or AMX)"
+    return line
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def attention_implementation(model_type: str) -> str:

@@ -221,6 +221,7 @@ def _setup(config: TrainConfig, device: torch.device, world: World) -> Training:
     token_ids = resolve_trainable_tokens(config.trainable_tokens, tokenizer)
     model = prepare_model(config, device, dtype, token_ids)
     if world.is_main:
+        print(models.describe_compute(device, dtype))
         if token_ids:
             print(describe_token_rows(model, tokenizer, token_ids))
         print(trainable_report(model))
@@ -333,7 +334,7 @@ def _train(run: Training, after_step: Callable[[int], None] | None) -> dict | No
     plot_losses(history, out / "training_loss.png")
     summary = summarize(model, history, earlier_s + time.time() - run.started, peak_memory_bytes(device), run.dropped,
                         {"epochs": config.epochs, "max_length": config.max_length, "qlora": config.qlora,
-                         "processes": world.size})
+                         "processes": world.size, "compute_dtype": models.dtype_name(dtype)})
     (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

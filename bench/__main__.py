@@ -32,9 +32,9 @@ import train
 from data.dataset import DataError, load_rows
 from files import FileError, check_writable
 from options import COUNT, DEVICE, NON_NEGATIVE_INT
-from bench.measure import machine_description, matmul_flops_per_second
+from bench.measure import machine_description, measure_matmul
 from bench.profile import bound_lines, largest_other_lines, profile_table
-from bench.report import LABELS, Summary, generation_summary, generation_table, target_lines, training_table
+from bench.report import LABELS, MatmulRate, Summary, generation_summary, generation_table, target_lines, training_table
 from bench.training import DEFAULT_VARIANTS, RANDOM_GEMMA2_2B, VARIANTS, BenchSettings, random_model_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,17 +56,17 @@ def run_worker(module: str, arguments: list[str]) -> dict:
         return json.loads(result.read_text())
 
 
-def hyperparameters() -> str:
-    """train.py's defaults (the study's), which every variant uses."""
+def hyperparameters(dtype: str) -> str:
+    """train.py's defaults (the study's), which every variant uses, and the dtype they compute in."""
     config = train.TrainConfig()
     return (f"LoRA r={config.rank}, alpha {config.alpha or 2 * config.rank:g}, dropout {config.dropout} on "
             f"{config.targets.replace(',', '/')} (adapters in fp32), batch {config.batch_size} x accumulation "
             f"{config.grad_accum}, AdamW lr {config.lr} held constant, weight decay {config.weight_decay}, "
-            f"clip {config.grad_clip}, bf16 autocast (fp16 on GPUs without bf16)")
+            f"clip {config.grad_clip}, " + ("no autocast (float32)" if dtype == "float32" else f"{dtype} autocast"))
 
 
 def document(kind: str, command: str, settings: BenchSettings, results: list[dict], generation: dict | None,
-             matmul_flops: float, matmul_size: int, machine: str, minutes: float) -> str:
+             matmul: MatmulRate, machine: str, minutes: float) -> str:
     """This run's section of the report (kind: CPU or GPU): its figures, where and how they were taken."""
     summaries = [Summary.of(result, settings.warmup_steps) for result in results]
     parts = [
@@ -74,20 +74,19 @@ def document(kind: str, command: str, settings: BenchSettings, results: list[dic
         "",
         f"Written by `{command}` on {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z} "
         f"(the whole run took {minutes:.1f} min).",
-        f"Machine: {machine}. Device: {settings.device}. bf16 matmul, {matmul_size}^3: "
-        f"{matmul_flops / 1e12:.2f} TFLOP/s (measured by the same run).",
+        f"Machine: {machine}. Device: {settings.device}. {matmul} (measured by the same run).",
         f"Model: {settings.model}; data: {settings.dataset if settings.model != RANDOM_GEMMA2_2B else 'random ids'}, "
         f"rows up to {results[0]['max_length']} tokens, the first {settings.warmup_steps + settings.steps} optimizer "
         "steps of train.py's own schedule, the same micro-batches in the same order for every variant. "
         f"{settings.warmup_steps} warm-up step(s), then {settings.steps} timed.",
-        f"Every variant: {hyperparameters()}.",
+        f"Every variant: {hyperparameters(matmul.dtype)}.",
         "",
-        training_table(summaries, matmul_flops),
+        training_table(summaries, matmul),
         "",
     ]
     if settings.model == RANDOM_GEMMA2_2B:
         parts += [STUDY_A100_REFERENCE, ""]
-    targets = target_lines(summaries, matmul_flops)
+    targets = target_lines(summaries, matmul)
     if targets:
         parts += ["Targets (issue 12; memory is the whole-run peak):", "", *targets, ""]
     if generation:
@@ -95,15 +94,14 @@ def document(kind: str, command: str, settings: BenchSettings, results: list[dic
     return "\n".join(parts)
 
 
-def profile_document(kind: str, command: str, settings: BenchSettings, results: list[dict], matmul_flops: float,
-                     matmul_size: int, machine: str, minutes: float) -> str:
+def profile_document(kind: str, command: str, settings: BenchSettings, results: list[dict], matmul: MatmulRate,
+                     machine: str, minutes: float) -> str:
     """This run's profile section (kind: "CPU profile" or "GPU profile")."""
     return "\n".join([
         f"## {kind} figures",
         "",
         f"Written by `{command}` on {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z} "
-        f"(the whole run took {minutes:.1f} min). Machine: {machine}. bf16 matmul, {matmul_size}^3: "
-        f"{matmul_flops / 1e12:.2f} TFLOP/s (measured by the same run).",
+        f"(the whole run took {minutes:.1f} min). Machine: {machine}. {matmul} (measured by the same run).",
         f"The same rows and settings as the figures above; {settings.warmup_steps} warm-up step(s), then "
         f"{settings.steps} step(s) under torch.profiler (bench/profile.py), which slows them down: the step "
         "times here are not the benchmark's.",
@@ -120,7 +118,8 @@ SECTION = re.compile(r"<!-- ([\w ]+?) figures -->\n(.*?)<!-- end -->\n", re.DOTA
 
 
 def merged_report(previous: str, kind: str, section: str) -> str:
-    """The report with this run's section (CPU or GPU) replaced and the other kind's kept."""
+    """The report with this run's section (CPU, CPU float32, GPU, or a profile of one) replaced and the
+    other kinds' kept."""
     sections = dict(SECTION.findall(previous))
     sections[kind] = section
     body = "".join(f"<!-- {name} figures -->\n{text}<!-- end -->\n" for name, text in sorted(sections.items()))
@@ -132,10 +131,10 @@ NOTES = """## How to read this
 
 - Variants: """ + "; ".join(f"{label} = `{name}`" for name, label in LABELS.items()) + """.
   (1) and (2) run train.py's `prepare_model` and `optimizer_step` (accumulation, clip, AdamW), the
-  same code as `make train`, without its evaluation and checkpoints. (3) loads the same bf16 weights with the same
-  attention implementation, wraps them with `peft.get_peft_model`, and trains with
-  `transformers.Trainer` (`bf16=True`, `DataCollatorForSeq2Seq`, sequential sampler, AdamW torch).
-  (4) loads the model with `BitsAndBytesConfig` (NF4, double quantization, bf16 compute) and runs
+  same code as `make train`, without its evaluation and checkpoints. (3) loads the same weights in the same dtype
+  with the same attention implementation, wraps them with `peft.get_peft_model`, and trains with
+  `transformers.Trainer` (`bf16=True` where we compute in bf16, `DataCollatorForSeq2Seq`, sequential sampler, AdamW
+  torch). (4) loads the model with `BitsAndBytesConfig` (NF4, double quantization, compute in our dtype) and runs
   `peft.prepare_model_for_kbit_training` with its defaults, as the study did: that switches on
   gradient checkpointing and casts the non-quantized weights (embeddings, norms) to fp32.
   `+compile` rows: ours with `train.py --compile` (each decoder layer `torch.compile`d, LoRA inside;
@@ -164,7 +163,8 @@ NOTES = """## How to read this
   frozen weights: not 6N); LoRA 6 x its weights per token; causal attention scores and sums, 3x the
   forward; the 262k-wide LM head 2Vh forward + 2Vh input gradient per supervised token only. Work on
   padding, logits at unlabelled positions and gradient-checkpointing recomputation are not counted.
-  "Of bf16 matmul" divides by the square-matmul throughput measured above.
+  "Of ... matmul" divides by the square-matmul throughput measured above, in the dtype training computes in
+  (bf16 on GPUs and on CPUs with AVX-512 BF16 or AMX; float32 on other CPUs, which emulate bf16 slowly).
 """
 
 
@@ -217,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = BenchSettings(model=args.model, dataset=args.dataset, device=str(device), steps=args.steps,
                              warmup_steps=args.warmup_steps, max_length=args.max_length, profile=args.profile)
     matmul_size = 8192 if device.type == "cuda" else 2048  # 2048 is already past the CPU's plateau
-    matmul_flops = matmul_flops_per_second(device, matmul_size)
-    print(f"bf16 matmul {matmul_size}^3: {matmul_flops / 1e12:.2f} TFLOP/s", flush=True)
+    matmul = measure_matmul(device, matmul_size, models.pick_compute_dtype(device))
+    print(matmul, flush=True)
     if args.model == RANDOM_GEMMA2_2B:
         random_model_dir()  # written once here, not by each worker
     settings_json = json.dumps(dataclasses.asdict(settings))
@@ -233,14 +233,14 @@ def main(argv: list[str] | None = None) -> int:
                                                      "--max-new-tokens", str(args.max_new_tokens)])
     command = shlex.join(["python", "-m", "bench", *(sys.argv[1:] if argv is None else argv)])
     kind = "GPU" if device.type == "cuda" else "CPU"
+    if matmul.dtype == "float32":  # a CPU without native bf16 keeps its own section beside a bf16 CPU's
+        kind += " float32"
     minutes = (time.time() - started) / 60
     if args.profile:
         kind += " profile"
-        section = profile_document(kind, command, settings, results, matmul_flops, matmul_size,
-                                   machine_description(device), minutes)
+        section = profile_document(kind, command, settings, results, matmul, machine_description(device), minutes)
     else:
-        section = document(kind, command, settings, results, generation, matmul_flops, matmul_size,
-                           machine_description(device), minutes)
+        section = document(kind, command, settings, results, generation, matmul, machine_description(device), minutes)
     previous = args.output.read_text() if args.output.exists() else ""
     args.output.write_text(merged_report(previous, kind, section))
     print(section)

@@ -10,7 +10,9 @@ from collections.abc import Sequence
 
 import torch
 
+import models
 from bench.profile import start_profiler, stop_profiler
+from bench.report import MatmulRate
 from training_log import peak_memory_bytes
 
 
@@ -95,11 +97,11 @@ def _cpu_model() -> str | None:
     return None
 
 
-def matmul_flops_per_second(device: torch.device, size: int, seconds: float = 2.0) -> float:
-    """bf16 throughput of square matmuls of `size`: the ceiling the FLOP/s of each variant is held
-    against. Repeats for about `seconds` after a warm-up."""
-    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+def measure_matmul(device: torch.device, size: int, dtype: torch.dtype, seconds: float = 2.0) -> MatmulRate:
+    """Square matmuls of `size` in `dtype` (the one training computes in), repeated for about `seconds`
+    after a warm-up."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
     synchronize(device)
@@ -109,7 +111,8 @@ def matmul_flops_per_second(device: torch.device, size: int, seconds: float = 2.
             a @ b
         repeats += 4
         synchronize(device)
-    return 2 * size**3 * repeats / (time.perf_counter() - started)
+    flops_per_s = 2 * size**3 * repeats / (time.perf_counter() - started)
+    return MatmulRate(flops_per_s, size, models.dtype_name(dtype))
 
 
 # ---------------------------------------------------------------------------------- FLOP model

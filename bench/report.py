@@ -51,7 +51,18 @@ class Summary:
         )
 
 
-def training_table(summaries: list[Summary], matmul_flops: float) -> str:
+@dataclass(frozen=True)
+class MatmulRate:
+    """The throughput of square matmuls in the compute dtype: the ceiling each variant is held against."""
+    flops_per_s: float
+    size: int
+    dtype: str  # "bfloat16", "float32", ...
+
+    def __str__(self) -> str:
+        return f"{self.dtype} matmul, {self.size}^3: {self.flops_per_s / 1e12:.2f} TFLOP/s"
+
+
+def training_table(summaries: list[Summary], matmul: MatmulRate) -> str:
     base = next((s for s in summaries if s.variant == BASELINE), None)
 
     def ratio(value: float, reference: float | None) -> str:
@@ -60,7 +71,7 @@ def training_table(summaries: list[Summary], matmul_flops: float) -> str:
     lines = [
         "| variant | s / step | supervised tokens/s | tokens/s vs (3) | peak memory, training (GB) | "
         "peak memory, whole run (GB) | whole-run memory vs (3) | loss, step 1 | loss, timed steps | "
-        "useful TFLOP/s | of bf16 matmul |",
+        f"useful TFLOP/s | of {matmul.dtype} matmul |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in summaries:
@@ -69,12 +80,12 @@ def training_table(summaries: list[Summary], matmul_flops: float) -> str:
             f"{ratio(s.tokens_per_s, base and base.tokens_per_s)} | {s.peak_training_bytes / GB:.2f} | "
             f"{s.peak_run_bytes / GB:.2f} | {ratio(s.peak_run_bytes, base and base.peak_run_bytes)} | "
             f"{s.first_loss:.4f} | {s.timed_loss:.4f} | {s.flops_per_s / 1e12:.3f} | "
-            f"{100 * s.flops_per_s / matmul_flops:.1f}% |"
+            f"{100 * s.flops_per_s / matmul.flops_per_s:.1f}% |"
         )
     return "\n".join(lines)
 
 
-def target_lines(summaries: list[Summary], matmul_flops: float) -> list[str]:
+def target_lines(summaries: list[Summary], matmul: MatmulRate) -> list[str]:
     """The issue's targets, each with its measured value; targets whose variants were not run are skipped.
     "Our LoRA" / "our QLoRA" is the fastest of our variants of it (plain, compiled, checkpointed) with
     dropout, as PEFT's (3) has it: the dropout 0 pair is compared on its own."""
@@ -94,8 +105,8 @@ def target_lines(summaries: list[Summary], matmul_flops: float) -> list[str]:
         checks.append((f"(1d) vs (3d), both with LoRA dropout 0: {ours_undropped.tokens_per_s / peft_undropped.tokens_per_s:.2f}x "
                        "the tokens/s (no target: what the dropout masks cost each)", None))
     if ours:
-        share = ours.flops_per_s / matmul_flops
-        checks.append((f"our LoRA >= 55% of the measured bf16 matmul rate: {100 * share:.1f}%", share >= 0.55))
+        share = ours.flops_per_s / matmul.flops_per_s
+        checks.append((f"our LoRA >= 55% of the measured {matmul.dtype} matmul rate: {100 * share:.1f}%", share >= 0.55))
     if ours and quantized:
         slowdown = quantized.seconds_per_step / ours.seconds_per_step
         checks.append((f"our QLoRA ({LABELS[quantized.variant]}) <= 1.2x our LoRA's step time: {slowdown:.2f}x",

@@ -1,10 +1,10 @@
 """The four training variants, each run in its own process by `python -m bench` (so each has its own
 peak memory), on the same micro-batches in the same order:
 
-    lora        our loop (train.py's prepare_model and optimizer_step), LoRA on a bf16 base
+    lora        our loop (train.py's prepare_model and optimizer_step), LoRA on a base in our compute dtype
     qlora       the same on our NF4 base (train.prepare_model with qlora=True)
-    peft-lora   PEFT LoRA + Hugging Face Trainer, bf16=True, the model loaded in bf16
-    peft-qlora  PEFT LoRA + Trainer on a bitsandbytes 4-bit base (NF4, double quantization, bf16
+    peft-lora   PEFT LoRA + Hugging Face Trainer, the model loaded in our compute dtype (bf16=True with bf16)
+    peft-qlora  PEFT LoRA + Trainer on a bitsandbytes 4-bit base (NF4, double quantization, our
                 compute), prepared with peft.prepare_model_for_kbit_training as the study did (which
                 also switches on gradient checkpointing and casts the non-quantized weights to fp32)
 

@@ -11,10 +11,11 @@ import pytest
 import torch
 from transformers import Gemma3TextConfig
 
+import models
 from bench.__main__ import merged_report
 from bench.measure import useful_step_flops
 from bench.profile import OTHER, bound_lines, kind_of, largest_other, largest_other_lines, profile_table, seconds_by_kind
-from bench.report import Summary, target_lines, training_table
+from bench.report import MatmulRate, Summary, target_lines, training_table
 from bench.training import VARIANTS, BenchSettings, measure_variant, trainer_arguments
 from conftest import build_tiny_model, make_tiny_tokenizer
 
@@ -48,12 +49,12 @@ def test_all_variants_train_on_the_same_rows_and_agree_at_step_one(tiny_bench):
         assert results[variant]["losses"][0] == pytest.approx(results[plain]["losses"][0], rel=1e-3), variant
 
     summaries = [Summary.of(result, warmup_steps=1) for result in results.values()]
-    table = training_table(summaries, matmul_flops=1e12)
+    table = training_table(summaries, MatmulRate(1e12, 2048, "bfloat16"))
     assert table.count("\n") == 1 + len(results) and "| 1.00x |" in table
-    targets = target_lines(summaries, matmul_flops=1e12)
+    targets = target_lines(summaries, MatmulRate(1e12, 2048, "bfloat16"))
     assert len(targets) == 6 and targets[1].startswith("- for comparison: our LoRA vs (3c)")
     assert targets[2].startswith("- for comparison: (1d) vs (3d)")
-    assert len(target_lines([s for s in summaries if s.variant != "peft-lora+compile"], 1e12)) == 5
+    assert len(target_lines([s for s in summaries if s.variant != "peft-lora+compile"], MatmulRate(1e12, 2048, "bfloat16"))) == 5
 
 
 def test_only_the_nodrop_variants_train_without_dropout(tiny_bench):
@@ -67,7 +68,7 @@ def test_our_lora_against_peft_s_is_the_fastest_variant_with_dropout():
 
     summaries = [summary("lora", 200.0), summary("lora+nodrop", 400.0), summary("peft-lora", 100.0),
                  summary("peft-lora+nodrop", 200.0)]
-    targets = target_lines(summaries, matmul_flops=1e13)
+    targets = target_lines(summaries, MatmulRate(1e13, 2048, "float32"))
     assert targets[0] == "- NOT met: our LoRA ((1) ours, LoRA) >= 2.5x the tokens/s of (3): 2.00x"
     assert targets[1].startswith("- for comparison: (1d) vs (3d), both with LoRA dropout 0: 2.00x")
 
@@ -98,7 +99,9 @@ def test_make_bench_command_writes_its_report(tiny_bench, tmp_path):
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     report = output.read_text()
-    assert "## CPU figures" in report and "| (1) ours, LoRA |" in report and "TFLOP/s" in report
+    # A CPU without native bf16 computes in float32 and keeps its own section.
+    kind = "CPU" if models.pick_compute_dtype(torch.device("cpu")) == torch.bfloat16 else "CPU float32"
+    assert f"## {kind} figures" in report and "| (1) ours, LoRA |" in report and "TFLOP/s" in report
     assert "one prompt at a time" in report and "python -m bench --model" in report
 
 
@@ -106,10 +109,11 @@ def test_a_run_replaces_its_own_section_and_keeps_the_other_device_s():
     report = merged_report("", "GPU", "## GPU figures\nold\n")
     report = merged_report(report, "CPU", "## CPU figures\ncpu\n")
     report = merged_report(report, "CPU profile", "## CPU profile figures\nprofile\n")
+    report = merged_report(report, "CPU float32", "## CPU float32 figures\nfloat32\n")
     report = merged_report(report, "GPU", "## GPU figures\nnew\n")
-    assert "cpu" in report and "profile" in report and "new" in report and "old" not in report
-    assert (report.index("## CPU figures") < report.index("## CPU profile figures") < report.index("## GPU figures")
-            < report.index("## How to read this"))
+    assert "cpu" in report and "profile" in report and "float32" in report and "new" in report and "old" not in report
+    assert (report.index("## CPU figures") < report.index("## CPU float32 figures") < report.index("## CPU profile figures")
+            < report.index("## GPU figures") < report.index("## How to read this"))
     assert merged_report(report, "CPU profile", "## CPU profile figures\nagain\n").count("## CPU profile") == 1
 
 

@@ -72,8 +72,8 @@ def test_two_processes_at_batch_1_train_like_one_process_at_batch_2(tiny_setup, 
     assert result.returncode == 0, result.stderr[-3000:]
     single, double = adapter_tensors(one), adapter_tensors(two)
     assert single.keys() == double.keys()
-    for key in single:
-        torch.testing.assert_close(double[key], single[key], rtol=1e-4, atol=1e-6)
+    for key in single:  # atol: float32 sums in another order (an AVX2 CPU differed by 3e-6 in one of 256 values)
+        torch.testing.assert_close(double[key], single[key], rtol=1e-4, atol=1e-5)
     assert metric(two, "loss") == pytest.approx(metric(one, "loss"), rel=1e-5)
     assert metric(two, "supervised_tokens") == metric(one, "supervised_tokens")
     assert metric(two, "held_out_loss") == pytest.approx(metric(one, "held_out_loss"), rel=1e-5)  # each row once

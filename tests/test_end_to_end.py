@@ -22,6 +22,9 @@ def test_a_few_steps_on_the_embedded_model(tmp_path, qlora, capsys):
     assert summary["trainable_params"] == 1_474_560 + 2 * 640  # LoRA r=16 on q/k/v/o + the two marker rows
     # The turn markers' rows in this pretrained checkpoint were never trained: the log says so.
     log = capsys.readouterr().out
+    cpu = torch.device("cpu")
+    assert models.describe_compute(cpu, models.pick_compute_dtype(cpu)) in log
+    assert summary["compute_dtype"] == models.dtype_name(models.pick_compute_dtype(cpu))
     assert "<start_of_turn> (105)" in log and "<end_of_turn> (106)" in log and log.count("looks untrained") == 2
     saved = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
     assert saved["trainable_token_indices"] == [105, 106]

@@ -214,26 +214,33 @@ def empty_model_folder(tmp_path):
 def test_a_cache_line_cut_by_an_interruption_is_dropped(tmp_path):
     spec = ModelSpec("base", str(empty_model_folder(tmp_path)))
     settings = evaluate.GenerationSettings(max_new_tokens=4)
-    cache = GenerationCache(tmp_path, spec)
+    cache = GenerationCache(tmp_path, spec, "cpu:float32")
     keys = [cache.key(prompt, settings, ()) for prompt in ("a", "b", "c")]
     cache.add(keys[:2], [Completion("x", 1), Completion("y", 2)])
     with cache.path.open("a") as handle:
         handle.write('{"key": "half a li')
-    reloaded = GenerationCache(tmp_path, spec)
+    reloaded = GenerationCache(tmp_path, spec, "cpu:float32")
     assert reloaded.entries == {keys[0]: Completion("x", 1), keys[1]: Completion("y", 2)}
     reloaded.add(keys[2:], [Completion("z", 3)])
-    assert len(GenerationCache(tmp_path, spec).entries) == 3
+    assert len(GenerationCache(tmp_path, spec, "cpu:float32").entries) == 3
+
+
+def test_answers_decoded_in_another_dtype_are_not_served_from_the_cache(tmp_path):
+    spec = ModelSpec("base", str(empty_model_folder(tmp_path)))
+    GenerationCache(tmp_path, spec, "cpu:bfloat16").add(["a"], [Completion("x", 1)])
+    assert GenerationCache(tmp_path, spec, "cpu:float32").entries == {}
+    assert GenerationCache(tmp_path, spec, "cpu:bfloat16").entries == {"a": Completion("x", 1)}
 
 
 @pytest.mark.parametrize("damage", ["not json at all", '{"key": "k"}', '{"key": "k", "text": "t", "new_tokens": "many"}'])
 def test_a_damaged_cache_line_in_the_middle_is_dropped_with_one_line(tmp_path, capsys, damage):
     spec = ModelSpec("base", str(empty_model_folder(tmp_path)))
-    cache = GenerationCache(tmp_path, spec)
+    cache = GenerationCache(tmp_path, spec, "cpu:float32")
     cache.add(["a"], [Completion("x", 1)])
     with cache.path.open("a") as handle:
         handle.write(damage + "\n")
     cache.add(["b"], [Completion("y", 2)])
-    reloaded = GenerationCache(tmp_path, spec)
+    reloaded = GenerationCache(tmp_path, spec, "cpu:float32")
     assert reloaded.entries == {"a": Completion("x", 1), "b": Completion("y", 2)}
     assert f"{cache.path} line 2 is not a cached generation" in capsys.readouterr().err
     assert damage not in cache.path.read_text()  # dropped from the file too: the warning comes once

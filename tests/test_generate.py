@@ -223,7 +223,8 @@ def test_a_qlora_adapter_meets_the_nf4_base_it_was_trained_on(model_dir, adapter
     qlora_adapter = tmp_path / "qlora"
     shutil.copytree(adapter_dir, qlora_adapter)
     (qlora_adapter / "train_config.json").write_text('{"qlora": true}')
-    nf4_model = models.load_model(str(model_dir), torch.device("cpu"), torch.bfloat16, nf4=True)
+    cpu = torch.device("cpu")
+    nf4_model = models.load_model(str(model_dir), cpu, models.pick_compute_dtype(cpu), nf4=True)
     load_adapter(nf4_model, qlora_adapter)
     assert any(isinstance(module, NF4Linear) for module in nf4_model.modules())
     input_ids = torch.tensor([[2, 10, 20, 30, 40, 50]])

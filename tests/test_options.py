@@ -4,6 +4,7 @@ one line naming the option), in every command line."""
 import argparse
 
 import pytest
+import torch
 
 import evaluate
 import generate
@@ -45,6 +46,19 @@ def test_devices_this_machine_has_pass():
     assert DEVICE("cpu") == "cpu"
     with pytest.raises(argparse.ArgumentTypeError, match="use cpu, cuda or cuda:N"):
         DEVICE("meta")
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [
+    (False, False, torch.float32),  # AVX2 only: torch emulates bf16 matmuls ~100x slower than float32
+    (True, False, torch.bfloat16),
+    (False, True, torch.bfloat16),
+])
+def test_the_cpu_computes_in_bf16_only_where_it_multiplies_bf16_natively(monkeypatch, avx512_bf16, amx, expected):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    cpu = torch.device("cpu")
+    assert models.pick_compute_dtype(cpu) == expected
+    assert ("no native bf16" in models.describe_compute(cpu, expected)) == (expected == torch.float32)
 
 
 @pytest.mark.parametrize("offline", [False, True])
