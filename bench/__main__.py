@@ -32,7 +32,7 @@ import train
 from data.dataset import DataError, load_rows
 from files import FileError, check_writable
 from options import COUNT, DEVICE, NON_NEGATIVE_INT
-from bench.measure import machine_description, measure_matmul
+from bench.measure import machine_description, measure_matmul, why_float32
 from bench.profile import bound_lines, largest_other_lines, profile_table
 from bench.report import LABELS, MatmulRate, Summary, generation_summary, generation_table, target_lines, training_table
 from bench.training import DEFAULT_VARIANTS, RANDOM_GEMMA2_2B, VARIANTS, BenchSettings, random_model_dir
@@ -218,7 +218,10 @@ def main(argv: list[str] | None = None) -> int:
                              warmup_steps=args.warmup_steps, max_length=args.max_length, profile=args.profile)
     matmul_size = 8192 if device.type == "cuda" else 2048  # 2048 is already past the CPU's plateau
     matmul = measure_matmul(device, matmul_size, models.pick_compute_dtype(device))
-    print(matmul, flush=True)
+    machine = machine_description(device)
+    if device.type == "cpu" and matmul.dtype == "float32":
+        machine += ". " + why_float32(device)
+    print(f"{machine}\n{matmul}", flush=True)
     if args.model == RANDOM_GEMMA2_2B:
         random_model_dir()  # written once here, not by each worker
     settings_json = json.dumps(dataclasses.asdict(settings))
@@ -238,9 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     minutes = (time.time() - started) / 60
     if args.profile:
         kind += " profile"
-        section = profile_document(kind, command, settings, results, matmul, machine_description(device), minutes)
+        section = profile_document(kind, command, settings, results, matmul, machine, minutes)
     else:
-        section = document(kind, command, settings, results, generation, matmul, machine_description(device), minutes)
+        section = document(kind, command, settings, results, generation, matmul, machine, minutes)
     previous = args.output.read_text() if args.output.exists() else ""
     args.output.write_text(merged_report(previous, kind, section))
     print(section)

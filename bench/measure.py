@@ -78,9 +78,17 @@ def reset_peak_memory(device: torch.device) -> None:
 
 # ---------------------------------------------------------------------------------- the machine
 
+def why_float32(device: torch.device, size: int = 512) -> str:
+    """On a CPU without native bf16: bf16 and float32 matmul rates side by side, the reason we compute in
+    float32 there (bf16 is emulated; a smaller size than the main measurement, or it takes minutes)."""
+    rates = [measure_matmul(device, size, dtype, seconds=1.0) for dtype in (torch.bfloat16, torch.float32)]
+    return f"This CPU has no native bf16 ({rates[0]}; {rates[1]}), so every variant computes in float32"
+
+
 def machine_description(device: torch.device) -> str:
     cpu = _cpu_model() or platform.processor() or platform.machine()
-    text = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads"
+    text = (f"{cpu} ({torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} cores, torch {torch.__version__} "
+            f"with {torch.get_num_threads()} threads")
     if device.type == "cuda":
         text += f"; GPU {torch.cuda.get_device_name(device)}"
     return text

@@ -59,7 +59,7 @@ class MatmulRate:
     dtype: str  # "bfloat16", "float32", ...
 
     def __str__(self) -> str:
-        return f"{self.dtype} matmul, {self.size}^3: {self.flops_per_s / 1e12:.2f} TFLOP/s"
+        return f"{self.dtype} matmul, {self.size}^3: {self.flops_per_s / 1e12:.3g} TFLOP/s"
 
 
 def training_table(summaries: list[Summary], matmul: MatmulRate) -> str:
