@@ -56,9 +56,9 @@ def run_worker(module: str, arguments: list[str]) -> dict:
         return json.loads(result.read_text())
 
 
-def hyperparameters(dtype: str) -> str:
-    """train.py's defaults (the study's), which every variant uses, and the dtype they compute in."""
-    config = train.TrainConfig()
+def hyperparameters(config: train.TrainConfig, dtype: str) -> str:
+    """The settings every variant shares (train.py's defaults resolved for this model and device), and
+    the dtype they compute in."""
     return (f"LoRA r={config.rank}, alpha {config.alpha or 2 * config.rank:g}, dropout {config.dropout} on "
             f"{config.targets.replace(',', '/')} (adapters in fp32), batch {config.batch_size} x accumulation "
             f"{config.grad_accum}, AdamW lr {config.lr} held constant, weight decay {config.weight_decay}, "
@@ -79,7 +79,7 @@ def document(kind: str, command: str, settings: BenchSettings, results: list[dic
         f"rows up to {results[0]['max_length']} tokens, the first {settings.warmup_steps + settings.steps} optimizer "
         "steps of train.py's own schedule, the same micro-batches in the same order for every variant. "
         f"{settings.warmup_steps} warm-up step(s), then {settings.steps} timed.",
-        f"Every variant: {hyperparameters(matmul.dtype)}.",
+        f"Every variant: {hyperparameters(settings.train_config('lora'), matmul.dtype)}.",
         "",
         training_table(summaries, matmul),
         "",

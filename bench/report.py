@@ -141,5 +141,5 @@ def generation_summary(result: dict) -> str:
         result["single_new_tokens"] / result["single_seconds"])
     return (f"{result['prompts']} held-out prompts, greedy, at most {result['max_new_tokens']} new tokens, stopping at "
             f"`<end_of_turn>` or EOS. Batched is {speedup:.2f}x the tokens/s of one at a time; "
-            f"{result['identical_completions']}/{result['prompts']} completions are identical (bf16 with left "
-            "padding can flip a near-tie in a greedy choice).")
+            f"{result['identical_completions']}/{result['prompts']} completions are identical (left padding "
+            "changes the rounding, which can flip a near-tie in a greedy choice, most often in bf16).")

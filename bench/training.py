@@ -13,8 +13,9 @@ PEFT: TrainingArguments(torch_compile=True), the switch a Trainer user would fli
 (ours: train.py --gradient-checkpointing) or `+nodrop` (ours and PEFT: LoRA dropout 0, what the
 dropout's random masks cost).
 
-All use train.TrainConfig's defaults (the study's): LoRA r=16, alpha 32, dropout 0.05 on q/k/v/o,
-batch 4 x accumulation 4, AdamW lr 2.5e-4, weight decay 0.01, clip 1.0. The learning rate is held
+All use train.TrainConfig's defaults, resolved for the model and device as train.py resolves them
+(LoRA r=16, alpha 32, dropout 0.05 on q/k/v/o, batch 4 x accumulation 4, weight decay 0.01, clip 1.0;
+lr 1e-3 for the embedded defaults on a CPU, else the study's 2.5e-4). The learning rate is held
 constant (no warmup or decay) in every variant, so the schedules cannot differ.
 
     python -m bench.training --variant lora --settings '{"model": "embedded", ...}' --result out.json
