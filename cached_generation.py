@@ -1,6 +1,6 @@
 """Generations of a model (and adapter) cached on disk: keyed by the model's and the adapter's files,
-the device kind and dtype they run in, the prompt, the settings and the stop strings, so a rerun of an evaluation only generates what
-changed, and an interrupted one keeps what it had generated."""
+the device kind and dtype they run in, the prompt, the settings and the stop strings, so a rerun of an
+evaluation only generates what changed, and an interrupted one keeps what it had generated."""
 
 from __future__ import annotations
 

@@ -121,8 +121,8 @@ def free_memory_bytes(device: torch.device) -> int | None:
 def pick_compute_dtype(device: torch.device) -> torch.dtype:
     """bf16 on GPUs that support it, fp16 (to be trained with a GradScaler) on older GPUs. On the CPU,
     bf16 only where the CPU multiplies bf16 natively (AVX-512 BF16 or AMX, where it is several times
-    faster than fp32); elsewhere (AVX2-only CPUs) torch emulates bf16 matmuls about 100x slower than
-    fp32 (0.001 vs 0.098 TFLOP/s measured on a 2-core AMD EPYC without AVX-512), so fp32."""
+    faster than fp32); elsewhere (AVX2-only CPUs) torch emulates bf16 matmuls, 71x slower than fp32 on a
+    2-core AMD EPYC without AVX-512 (`make bench`, 2026-12-01: 0.00131 vs 0.0933 TFLOP/s at 512^3), so fp32."""
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32

@@ -219,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     matmul_size = 8192 if device.type == "cuda" else 2048  # 2048 is already past the CPU's plateau
     matmul = measure_matmul(device, matmul_size, models.pick_compute_dtype(device))
     machine = machine_description(device)
-    if device.type == "cpu" and matmul.dtype == "float32":
+    float32_cpu = device.type == "cpu" and matmul.dtype == "float32"  # a CPU without native bf16
+    if float32_cpu:
         machine += ". " + why_float32(device)
     print(f"{machine}\n{matmul}", flush=True)
     if args.model == RANDOM_GEMMA2_2B:
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                                                      "--max-new-tokens", str(args.max_new_tokens)])
     command = shlex.join(["python", "-m", "bench", *(sys.argv[1:] if argv is None else argv)])
     kind = "GPU" if device.type == "cuda" else "CPU"
-    if matmul.dtype == "float32":  # a CPU without native bf16 keeps its own section beside a bf16 CPU's
+    if float32_cpu:  # its own section beside a bf16 CPU's
         kind += " float32"
     minutes = (time.time() - started) / 60
     if args.profile:

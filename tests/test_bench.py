@@ -49,12 +49,13 @@ def test_all_variants_train_on_the_same_rows_and_agree_at_step_one(tiny_bench):
         assert results[variant]["losses"][0] == pytest.approx(results[plain]["losses"][0], rel=1e-3), variant
 
     summaries = [Summary.of(result, warmup_steps=1) for result in results.values()]
-    table = training_table(summaries, MatmulRate(1e12, 2048, "bfloat16"))
+    matmul = MatmulRate(1e12, 2048, "bfloat16")
+    table = training_table(summaries, matmul)
     assert table.count("\n") == 1 + len(results) and "| 1.00x |" in table
-    targets = target_lines(summaries, MatmulRate(1e12, 2048, "bfloat16"))
+    targets = target_lines(summaries, matmul)
     assert len(targets) == 6 and targets[1].startswith("- for comparison: our LoRA vs (3c)")
     assert targets[2].startswith("- for comparison: (1d) vs (3d)")
-    assert len(target_lines([s for s in summaries if s.variant != "peft-lora+compile"], MatmulRate(1e12, 2048, "bfloat16"))) == 5
+    assert len(target_lines([s for s in summaries if s.variant != "peft-lora+compile"], matmul)) == 5
 
 
 def test_only_the_nodrop_variants_train_without_dropout(tiny_bench):
