@@ -15,13 +15,14 @@ LOSS_CHUNK_ROWS = 256
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of logits = softcap(hidden @ weight.T) against `targets`.
 
-    The full [tokens, vocab] logits are never built: each chunk's logits are made, turned into its
-    loss and its gradient with respect to `hidden` (softmax - one_hot, through the soft-cap's
-    derivative 1 - tanh^2, times the weight), and freed. The head weight is frozen, so only that
-    small [tokens, hidden] gradient is kept for the backward pass. Logits are float32 (or wider).
+    The full [tokens, vocab] logits are never built: each chunk's logits are made (transposed,
+    [vocab, chunk]: the faster GEMM layout, below), turned into its loss and its gradient with
+    respect to `hidden` (softmax - one_hot, through the soft-cap's derivative 1 - tanh^2, times the
+    weight), and freed. The head weight is frozen, so only that small [tokens, hidden] gradient is
+    kept for the backward pass. Logits are float32 (or wider).
 
     With `token_ids` and `token_rows` (trainable token rows of a tied head), the columns of those ids
-    come from `hidden @ token_rows.T` instead, and their gradient (grad_logits[:, ids].T @ hidden) is
+    come from `token_rows @ hidden.T` instead, and their gradient (grad_logits[ids] @ hidden) is
     kept for `token_rows` as well.
     """
 
@@ -37,38 +38,44 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         rows = token_rows.detach().to(weight.dtype) if token_rows is not None else None
         grad_rows = torch.zeros_like(token_rows, dtype=wide_dtype) if token_rows is not None else None
         ctx.rows_dtype = token_rows.dtype if token_rows is not None else None
-        # One set of [chunk, vocab] buffers serves every chunk and each step works in place: a fresh
+        # One set of [vocab, chunk] buffers serves every chunk and each step works in place: a fresh
         # 262k-wide temporary per operation costs a pass over memory (and page faults on the CPU).
+        # Vocabulary-major ([vocab, chunk], logits.T): MKL's float32 GEMM runs weight @ hidden.T 1.4x
+        # faster than hidden @ weight.T at 256 rows on a 2-core AMD EPYC (python -m bench.head_layout,
+        # README "Speed and memory"); in float32 the copy into a wider buffer is skipped too.
         width = min(chunk_rows, count)
-        low = torch.empty(width, vocab, dtype=weight.dtype, device=hidden.device)
-        wide = torch.empty(width, vocab, dtype=wide_dtype, device=hidden.device)
+        low = torch.empty(vocab, width, dtype=weight.dtype, device=hidden.device)
+        wide = low if wide_dtype == weight.dtype else torch.empty(vocab, width, dtype=wide_dtype, device=hidden.device)
         tanh = torch.empty_like(wide) if softcap else None
         for start in range(0, count, chunk_rows):
             n = min(chunk_rows, count - start)
-            chunk, logits, logits_low, chunk_targets = slice(start, start + n), wide[:n], low[:n], targets[start:start + n]
-            torch.mm(hidden[chunk], weight.T, out=logits_low)
+            chunk, chunk_targets = slice(start, start + n), targets[start:start + n]
+            logits, logits_low = _leading(wide, vocab, n), _leading(low, vocab, n)
+            columns = torch.arange(n, device=hidden.device)
+            torch.mm(weight, hidden[chunk].T, out=logits_low)
             if rows is not None:
-                logits_low[:, token_ids] = hidden[chunk] @ rows.T
+                logits_low[token_ids] = rows @ hidden[chunk].T
             logits.copy_(logits_low)
             if softcap:
-                torch.tanh(logits.div_(softcap), out=tanh[:n])
-                torch.mul(tanh[:n], softcap, out=logits)
-            logits.sub_(logits.amax(dim=1, keepdim=True))  # each row's largest logit is now 0
-            target_logits = logits.gather(1, chunk_targets[:, None]).squeeze(1)
-            sums = logits.exp_().sum(dim=1)
+                chunk_tanh = _leading(tanh, vocab, n)
+                torch.tanh(logits.div_(softcap), out=chunk_tanh)
+                torch.mul(chunk_tanh, softcap, out=logits)
+            logits.sub_(logits.amax(dim=0))  # each column's largest logit is now 0
+            target_logits = logits[chunk_targets, columns]
+            sums = logits.exp_().sum(dim=0)
             total += (sums.log() - target_logits).sum()
-            grad_logits = logits.div_(sums[:, None])  # softmax
-            grad_logits[torch.arange(n, device=hidden.device), chunk_targets] -= 1.0
+            grad_logits = logits.div_(sums)  # softmax
+            grad_logits[chunk_targets, columns] -= 1.0
             if softcap:
-                grad_logits.mul_(tanh[:n].square_().neg_().add_(1.0))  # through the soft-cap: 1 - tanh^2
+                grad_logits.mul_(chunk_tanh.square_().neg_().add_(1.0))  # through the soft-cap: 1 - tanh^2
             if rows is not None:
-                grad_token_logits = grad_logits[:, token_ids]
-                grad_rows += grad_token_logits.T @ hidden[chunk].to(grad_rows.dtype)
-                grad_logits[:, token_ids] = 0.0  # their part of grad_hidden comes from the trainable rows
+                grad_token_logits = grad_logits[token_ids]
+                grad_rows += grad_token_logits @ hidden[chunk].to(grad_rows.dtype)
+                grad_logits[token_ids] = 0.0  # their part of grad_hidden comes from the trainable rows
             logits_low.copy_(grad_logits)
-            torch.mm(logits_low, weight, out=grad_hidden[chunk])
+            torch.mm(logits_low.T, weight, out=grad_hidden[chunk])
             if rows is not None:
-                grad_hidden[chunk] += grad_token_logits.to(rows.dtype) @ rows
+                grad_hidden[chunk] += grad_token_logits.T.to(rows.dtype) @ rows
         ctx.save_for_backward(grad_hidden, grad_rows)
         return total
 
@@ -77,6 +84,11 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_rows = ctx.saved_tensors
         grad_rows = (grad_rows * grad_output).to(ctx.rows_dtype) if grad_rows is not None else None
         return grad_hidden * grad_output.to(grad_hidden.dtype), None, None, None, None, None, grad_rows
+
+
+def _leading(buffer: torch.Tensor, vocab: int, columns: int) -> torch.Tensor:
+    """A contiguous [vocab, columns] view of the start of a [vocab, width] buffer (a shorter last chunk)."""
+    return buffer.view(-1)[:vocab * columns].view(vocab, columns)
 
 
 def supervised_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -177,3 +177,23 @@ def test_serving_bench_counts_requests_and_batches():
     assert results[0]["batches"] == 2 and results[1]["batches"] <= 6
     assert all(result["p95_s"] >= result["p50_s"] > 0 for result in results)
     assert "| 3 | dynamic | 6 |" in markdown(results)
+
+
+def test_head_layout_bench_times_both_heads_on_the_same_answers():
+    from bench.head_layout import RowMajorHead, measure_generation, measure_products
+    from generate import GenerationSettings, Generator, VocabularyMajorHead
+
+    generator = Generator(build_tiny_model("gemma3"), make_tiny_tokenizer())
+    head = generator.model.get_output_embeddings()
+    products = measure_products(head.weight.detach(), [1, 5], repeats=1)
+    assert [product["rows"] for product in products] == [1, 5]
+    assert all(product["max_abs_difference"] < 1e-5 and product["speed_up"] > 0 for product in products)
+    hidden = torch.randn(2, 3, head.weight.shape[1])
+    with torch.no_grad():
+        torch.testing.assert_close(RowMajorHead(head.linear)(hidden), head(hidden))
+    prompts = ["def add(a, b):\n", "<start_of_turn>user\nWrite fib<end_of_turn>\n<start_of_turn>model\n", "x = "]
+    results = measure_generation(generator, prompts, GenerationSettings(max_new_tokens=5), batch_size=3, rounds=1)
+    assert [result["head"] for result in results] == ["row-major", "vocabulary-major"]
+    assert all(result["identical_to_first"] == 3 and result["new_tokens"] > 0 for result in results)
+    assert generator.model.get_output_embeddings() is head  # put back
+    assert isinstance(head, VocabularyMajorHead)

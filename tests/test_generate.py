@@ -13,7 +13,7 @@ import generate
 import models
 from conftest import build_tiny_model, make_tiny_tokenizer
 from generate import Completion, GenerationSettings, Generator
-from lora import LoRAConfig, inject_lora, load_adapter, save_adapter
+from lora import LoRAConfig, inject_lora, inject_trainable_tokens, load_adapter, save_adapter
 
 # ---------------------------------------------------------------------------------------------
 # Generation with a tiny random-init model
@@ -58,17 +58,34 @@ def test_a_row_whose_answer_holds_a_stop_string_has_ended(generator):
     assert generator._finished(ids[:1] + [generator.pad_id], ())
 
 
-def test_logits_are_computed_for_the_last_position_only_from_a_contiguous_input(generator):
-    positions, contiguous = [], []
-
-    def record(module, args, output):
-        positions.append(output.shape[1])
-        contiguous.append(args[0].is_contiguous())  # a strided view would copy the head per row
-
-    generator.model.lm_head.register_forward_hook(record)
+def test_the_head_computes_the_linear_s_logits_for_the_last_position_only(generator):
+    head = generator.model.lm_head
+    assert isinstance(head, generate.VocabularyMajorHead)
+    calls = []
+    head.register_forward_hook(lambda module, args, output: calls.append((args[0], output)))
     generator.complete(PROMPTS, GenerationSettings(max_new_tokens=4), batch_size=3)
-    assert positions and set(positions) == {1}
-    assert all(contiguous)
+    assert calls and {output.shape[1] for _, output in calls} == {1}
+    prefill_input = calls[0][0]
+    assert not prefill_input.is_contiguous()  # transformers' view of the batch, read in place
+    with torch.inference_mode():
+        for hidden, output in calls:
+            torch.testing.assert_close(output, torch.nn.functional.linear(hidden, head.linear.weight))
+
+
+def test_the_head_is_swapped_once_and_inside_a_trainable_token_head():
+    model = build_tiny_model("gemma3")
+    Generator(model, make_tiny_tokenizer())
+    Generator(model, make_tiny_tokenizer())
+    assert isinstance(model.lm_head.linear, torch.nn.Linear)
+    with_rows = build_tiny_model("gemma3")
+    inject_trainable_tokens(with_rows, [3, 5])
+    hidden = torch.randn(2, 3, with_rows.config.hidden_size)
+    with torch.no_grad():
+        before = with_rows.lm_head(hidden)
+        Generator(with_rows, make_tiny_tokenizer())
+        assert type(with_rows.lm_head).__name__ == "TrainableTokenHead"
+        assert isinstance(with_rows.lm_head.base_layer, generate.VocabularyMajorHead)
+        torch.testing.assert_close(with_rows.lm_head(hidden), before)
 
 
 def test_a_completion_ends_at_the_first_stop_token(generator):
@@ -216,7 +233,7 @@ def test_bad_input_is_one_line_on_stderr_and_exit_2(problem, message, model_dir,
 
 
 def test_a_qlora_adapter_meets_the_nf4_base_it_was_trained_on(model_dir, adapter_dir, tmp_path):
-    """On the CPU the NF4 weights are dequantized once for generation: the same logits, bit for bit,
+    """On the CPU the NF4 weights are dequantized once for generation: the same decoder output, bit for bit,
     as bitsandbytes' 4-bit layers, and different from the full-precision base's."""
     from quant import NF4Linear
 
@@ -229,8 +246,8 @@ def test_a_qlora_adapter_meets_the_nf4_base_it_was_trained_on(model_dir, adapter
     assert any(isinstance(module, NF4Linear) for module in nf4_model.modules())
     input_ids = torch.tensor([[2, 10, 20, 30, 40, 50]])
     with torch.inference_mode():
-        expected = nf4_model(input_ids).logits
+        expected = nf4_model.model(input_ids).last_hidden_state  # the head is not NF4
         for folder, same in ((qlora_adapter, True), (adapter_dir, False)):
             loaded = Generator.load(str(model_dir), str(folder), device="cpu")
             assert not any(isinstance(module, NF4Linear) for module in loaded.model.modules())
-            assert torch.equal(loaded.model(input_ids).logits, expected) == same, folder
+            assert torch.equal(loaded.model.model(input_ids).last_hidden_state, expected) == same, folder
