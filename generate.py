@@ -239,12 +239,12 @@ class _UntilFewAreLive(StoppingCriteria):
 
 class VocabularyMajorHead(torch.nn.Module):
     """A linear output head computed as (weight @ hidden.T).T, a [vocabulary, rows] product seen as
-    [rows, vocabulary]: the same logits as `linear(hidden)`, but in the layout MKL's float32 GEMM runs
-    fastest for a 262k-wide head and the few rows of a decoding step (python -m bench.head_layout:
-    1.8x at 16 rows on a 2-core AMD EPYC, README "Generating code"). The rows are flattened into one
-    2-D product, so the view of the batch that transformers hands the head at prefill
-    (`hidden_states[:, -1:, :]`) is read in place; a 3-D matmul would copy the weight for every row
-    (16 x 262k x 640 bf16 = 5 GB, ~25 s)."""
+    [rows, vocabulary]: the product of `linear(hidden)` (equal up to rounding), in the layout MKL's
+    float32 GEMM runs faster for a 262k-wide head and the few rows of a decoding step
+    (python -m bench.head_layout: 2.3x at 16 rows, 1.8x at 64 on a 2-core AMD EPYC without AVX-512;
+    README "Speed and memory"). The rows are flattened into one 2-D product, so the view of the batch
+    that transformers hands the head at prefill (`hidden_states[:, -1:, :]`) is read in place; a 3-D
+    matmul would copy the weight for every row (16 x 262k x 640 bf16 = 5 GB, ~25 s)."""
 
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
