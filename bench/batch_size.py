@@ -17,7 +17,7 @@ import json
 from functools import partial
 from pathlib import Path
 
-from bench.generation import held_out_prompts, load_generator, timed
+from bench.generation import check_result_path, held_out_prompts, load_generator, timed
 from generate import GenerationSettings, Generator
 from options import COUNT, COUNTS, DEVICE, add_model_option
 
@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="also time each batch generated in one piece, without the shrinking")
     parser.add_argument("--result", help="JSON file for the measurements")
     args = parser.parse_args(argv)
+    check_result_path(parser, args.result)
     generator = load_generator(parser, args)
     prompts = held_out_prompts(args.dataset, args.prompts)
     results = measure_batch_sizes(generator, prompts, args.batch_sizes, GenerationSettings(args.max_new_tokens),

@@ -19,6 +19,7 @@ from bench.measure import synchronize
 from bench.training import BenchSettings
 from chat_format import user_turn
 from data.dataset import load_rows, split_rows
+from files import FileError, check_writable
 from generate import GenerationSettings, Generator
 from lora import AdapterError
 from models import ModelLoadError
@@ -41,6 +42,15 @@ def load_generator(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         return Generator.load(args.model, args.adapter, args.device)
     except (ModelLoadError, AdapterError) as error:
         parser.error(str(error))
+
+
+def check_result_path(parser: argparse.ArgumentParser, path: str | None) -> None:
+    """A --result file that cannot be written is the parser's one-line error, before any measuring."""
+    if path:
+        try:
+            check_writable(Path(path))
+        except FileError as error:
+            parser.error(str(error))
 
 
 def timed(device: torch.device, work):

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import models
-from bench.generation import held_out_prompts, load_generator, timed
+from bench.generation import check_result_path, held_out_prompts, load_generator, timed
 from bench.measure import machine_description, synchronize
 from generate import GenerationSettings, Generator
 from options import COUNT, COUNTS, DEVICE, NON_NEGATIVE_INT, add_model_option
@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="pairs of generations, one per head, alternating; 0 skips them (default: %(default)s)")
     parser.add_argument("--result", help="JSON file for the measurements")
     args = parser.parse_args(argv)
+    check_result_path(parser, args.result)
     args.adapter = None
     generator = load_generator(parser, args)
     weight = generator.model.get_output_embeddings().weight

@@ -311,6 +311,11 @@ def build_cases(tmp: Path) -> list[Case]:
         Case("bench batch sizes 0", ["-m", "bench.batch_size", *base, "--batch-sizes", "16,0"], expect="--batch-sizes"),
         Case("bench batch sizes adapter missing", ["-m", "bench.batch_size", *base, "--adapter", str(tmp / "nope")],
              expect="nope"),
+        Case("bench batch sizes result under a file", ["-m", "bench.batch_size", *base, "--result", str(a_file / "r.json")],
+             expect="is a file"),
+        Case("bench head layout rows 0", ["-m", "bench.head_layout", *base, "--rows", "16,0"], expect="--rows"),
+        Case("bench head layout result under a file", ["-m", "bench.head_layout", *base, "--result",
+                                                       str(a_file / "r.json")], expect="is a file"),
         Case("bench serving clients x", ["-m", "bench.serving", *base, "--clients", "1,x"], expect="--clients"),
     ]
     return cases
