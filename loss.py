@@ -42,9 +42,10 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         # 262k-wide temporary per operation costs a pass over memory (and page faults on the CPU).
         # Vocabulary-major ([vocab, chunk], logits.T): MKL's float32 GEMM runs weight @ hidden.T 1.4x
         # faster than hidden @ weight.T at 256 rows on a 2-core AMD EPYC (python -m bench.head_layout,
-        # README "Speed and memory"); in float32 the copy into a wider buffer is skipped too.
+        # README "Speed and memory").
         width = min(chunk_rows, count)
         low = torch.empty(vocab, width, dtype=weight.dtype, device=hidden.device)
+        # In float32 `wide` is `low` itself, and the copies between them below do nothing (copy_ to itself).
         wide = low if wide_dtype == weight.dtype else torch.empty(vocab, width, dtype=wide_dtype, device=hidden.device)
         tanh = torch.empty_like(wide) if softcap else None
         for start in range(0, count, chunk_rows):

@@ -17,7 +17,7 @@ import json
 from functools import partial
 from pathlib import Path
 
-from bench.generation import check_result_path, held_out_prompts, load_generator, timed
+from bench.generation import check_result_path, held_out_prompts, load_generator, timed_completions
 from generate import GenerationSettings, Generator
 from options import COUNT, COUNTS, DEVICE, add_model_option
 
@@ -31,14 +31,9 @@ def measure_batch_sizes(generator: Generator, prompts: list[str], batch_sizes: l
     results, first_texts = [], None
     for batch_size in batch_sizes:
         for way, complete in ways.items():
-            completions, seconds = timed(generator.model.device, lambda: complete(prompts, settings, batch_size))
-            texts = [completion.text for completion in completions]
+            record, texts = timed_completions(generator, lambda: complete(prompts, settings, batch_size), first_texts)
             first_texts = first_texts or texts
-            new_tokens = sum(completion.new_tokens for completion in completions)
-            results.append({"batch_size": batch_size, "batches": way, "prompts": len(prompts),
-                            "seconds": round(seconds, 1), "new_tokens": new_tokens,
-                            "tokens_per_s": round(new_tokens / seconds, 1),
-                            "identical_to_first": sum(a == b for a, b in zip(texts, first_texts))})
+            results.append({"batch_size": batch_size, "batches": way, "prompts": len(prompts), **record})
             print(json.dumps(results[-1]), flush=True)
     return results
 

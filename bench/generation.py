@@ -37,9 +37,10 @@ def held_out_prompts(dataset: str, count: int) -> list[str]:
 
 
 def load_generator(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Generator:
-    """args.model with args.adapter on args.device; a bad model or adapter is the parser's one-line error."""
+    """args.model with args.adapter (if the command has one) on args.device; a bad model or adapter is the
+    parser's one-line error."""
     try:
-        return Generator.load(args.model, args.adapter, args.device)
+        return Generator.load(args.model, getattr(args, "adapter", None), args.device)
     except (ModelLoadError, AdapterError) as error:
         parser.error(str(error))
 
@@ -60,6 +61,17 @@ def timed(device: torch.device, work):
     result = work()
     synchronize(device)
     return result, time.perf_counter() - started
+
+
+def timed_completions(generator: Generator, complete, first_texts: list[str] | None) -> tuple[dict, list[str]]:
+    """Time `complete()` (a list of completions): seconds, new tokens, tokens/s and how many answers are
+    identical to `first_texts` (the first timed run's, or these if None), and these answers' texts."""
+    completions, seconds = timed(generator.model.device, complete)
+    texts = [completion.text for completion in completions]
+    new_tokens = sum(completion.new_tokens for completion in completions)
+    record = {"seconds": round(seconds, 1), "new_tokens": new_tokens, "tokens_per_s": round(new_tokens / seconds, 1),
+              "identical_to_first": sum(a == b for a, b in zip(texts, first_texts or texts))}
+    return record, texts
 
 
 def one_at_a_time(generator: Generator, prompts: list[str], max_new_tokens: int) -> list[list[int]]:

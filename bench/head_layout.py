@@ -16,15 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import models
-from bench.generation import check_result_path, held_out_prompts, load_generator, timed
-from bench.measure import machine_description, synchronize
+from bench.generation import check_result_path, held_out_prompts, load_generator, timed, timed_completions
+from bench.measure import machine_description
 from generate import GenerationSettings, Generator
 from options import COUNT, COUNTS, DEVICE, NON_NEGATIVE_INT, add_model_option
 
@@ -42,14 +41,7 @@ class RowMajorHead(torch.nn.Module):
 
 def median_seconds(device: torch.device, work, repeats: int) -> float:
     work()  # untimed: first-call set-up
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        started = time.perf_counter()
-        work()
-        synchronize(device)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    return statistics.median(timed(device, work)[1] for _ in range(repeats))
 
 
 def measure_products(weight: torch.Tensor, row_counts: list[int], repeats: int) -> list[dict]:
@@ -76,19 +68,15 @@ def measure_generation(generator: Generator, prompts: list[str], settings: Gener
     fast = generator.model.get_output_embeddings()
     heads = {"row-major": RowMajorHead(fast.linear), "vocabulary-major": fast}
     generator.complete(prompts[:1], GenerationSettings(max_new_tokens=2))  # first-call set-up, untimed
-    results, first_texts = [], {}
+    results, first_texts = [], None
     for round_ in range(rounds):
         for layout, head in heads.items():
             generator.model.set_output_embeddings(head)
-            completions, seconds = timed(generator.model.device,
-                                         lambda: generator.complete(prompts, settings, batch_size))
-            texts = [completion.text for completion in completions]
-            first_texts.setdefault("first", texts)
-            new_tokens = sum(completion.new_tokens for completion in completions)
+            record, texts = timed_completions(generator, lambda: generator.complete(prompts, settings, batch_size),
+                                              first_texts)
+            first_texts = first_texts or texts
             results.append({"round": round_ + 1, "head": layout, "prompts": len(prompts), "batch_size": batch_size,
-                            "seconds": round(seconds, 1), "new_tokens": new_tokens,
-                            "tokens_per_s": round(new_tokens / seconds, 1),
-                            "identical_to_first": sum(a == b for a, b in zip(texts, first_texts["first"]))})
+                            **record})
             print(json.dumps(results[-1]), flush=True)
     generator.model.set_output_embeddings(fast)
     return results
@@ -110,7 +98,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--result", help="JSON file for the measurements")
     args = parser.parse_args(argv)
     check_result_path(parser, args.result)
-    args.adapter = None
     generator = load_generator(parser, args)
     weight = generator.model.get_output_embeddings().weight
     print(f"{machine_description(weight.device)}; {models.describe_compute(weight.device, weight.dtype)}; "
