@@ -23,10 +23,16 @@ def apply_speed_options(model: torch.nn.Module, compile_layers: bool, checkpoint
     (non-reentrant, so the frozen embedding's output needs no requires_grad).
     compile_layers: torch.compile each decoder layer, LoRA inside it, in place; the loss, embedding and
     head stay eager. It fuses the elementwise work around the matmuls (norms, casts, GeGLU, LoRA's
-    scaling), which dominates an eager step on a GPU."""
+    scaling), which dominates an eager step on a GPU. The LoRA dropout's masks are drawn by the eager
+    operator (inductor's `fallback_random`): inductor's own generator draws other masks from the same
+    seed, so a compiled run would train another model than an eager one, and a run resumed with the
+    other setting, or a layer that dynamo leaves eager after too many recompilations, would mix the two."""
     if checkpoint_layers:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if compile_layers:
+        from torch._inductor import config as inductor_config  # torch.compile loads it anyway; not before
+
+        inductor_config.fallback_random = True
         for layer in model.model.layers:
             layer.compile()
 
