@@ -366,7 +366,7 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
     add("--qlora", action="store_true", help="quantize the decoder's linear layers to NF4 (QLoRA)")
     add("--compile", action=argparse.BooleanOptionalAction, default=None,
         help="torch.compile each decoder layer (default: on for CUDA; off on the CPU, where `make bench` "
-             "measured +4%% tokens/s with native bf16, within noise, and 1.05-1.27x without it: pass it there)")
+             "measured +4%% tokens/s with native bf16, within noise, and 1.01-1.27x without it: pass it there)")
     add("--gradient-checkpointing", action="store_true",
         help="recompute each decoder layer's activations in the backward pass: less memory, more compute")
     add("--batch-size", type=COUNT, default=defaults.batch_size, help="sequences per micro-batch (default: %(default)s)")

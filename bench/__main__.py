@@ -138,7 +138,8 @@ NOTES = """## How to read this
   `peft.prepare_model_for_kbit_training` with its defaults, as the study did: that switches on
   gradient checkpointing and casts the non-quantized weights (embeddings, norms) to fp32.
   `+compile` rows: ours with `train.py --compile` (each decoder layer `torch.compile`d, LoRA inside;
-  the first, untimed step pays the compilation), PEFT with `TrainingArguments(torch_compile=True)`;
+  the first, untimed step pays the compilation; its dropout draws the eager masks), PEFT with
+  `TrainingArguments(torch_compile=True)`;
   `+ckpt` rows: ours with `--gradient-checkpointing` (non-reentrant, every decoder layer); `+nodrop` rows (1d)
   and (3d): ours and PEFT with LoRA dropout 0 (`train.py --dropout 0`), which shows what drawing the dropout
   masks costs each; the 2.5x target compares (3) with our variants that keep the dropout.
