@@ -187,7 +187,9 @@ def test_run_writes_adapter_metrics_plot_and_summary(tiny_setup, tmp_path):
 
 def run_in_a_fresh_process(config: train.TrainConfig, kill_after_step: int | None = None) -> int:
     """train.run(config) in a new Python process (its own compilations, as after a restart): the exit code."""
-    after_step = f"lambda step: step == {kill_after_step} and os.kill(os.getpid(), signal.SIGKILL)" if kill_after_step else "None"
+    after_step = "None"
+    if kill_after_step is not None:
+        after_step = f"lambda step: step == {kill_after_step} and os.kill(os.getpid(), signal.SIGKILL)"
     script = (
         "import os, signal, train\n"
         f"train.run(train.TrainConfig(**{train.dataclasses.asdict(config)!r}), after_step={after_step})\n"
