@@ -1,6 +1,7 @@
 """Generations of a model (and adapter) cached on disk: keyed by the model's and the adapter's files,
-the device kind and dtype they run in, the prompt, the settings and the stop strings, so a rerun of an
-evaluation only generates what changed, and an interrupted one keeps what it had generated."""
+the device kind and dtype they run in, the decoding code's versions, the prompt, the settings and the
+stop strings, so a rerun of an evaluation only generates what changed, and an interrupted one keeps what it
+had generated."""
 
 from __future__ import annotations
 
@@ -12,10 +13,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+import transformers
 from tqdm import tqdm
 
 import models
 from generate import Completion, GenerationSettings, Generator
+
+# Bump when a change to our code can change the tokens that greedy decoding picks (as the output head's
+# product layout did, 6d09f42: other rounding), so that answers cached before are generated again.
+DECODING_REVISION = 2
 
 
 @dataclass(frozen=True)
@@ -69,9 +76,12 @@ class GenerationCache:
 
 def model_fingerprint(spec: ModelSpec, compute: str) -> str:
     """Changes when the base model's files, the adapter's files or `compute` (e.g. "cpu:float32": the same
-    weights greedy-decode differently in bf16 and float32) change."""
+    weights greedy-decode differently in bf16 and float32) change, or the code that decodes: torch's and
+    transformers' versions (their kernels and model code round their own way) and DECODING_REVISION."""
     digest = hashlib.sha256(spec.model.encode())
     digest.update(compute.encode())
+    digest.update(f"torch {torch.__version__}, transformers {transformers.__version__}, "
+                  f"revision {DECODING_REVISION}".encode())
     model_path = Path(models.resolve_model_path(spec.model))
     if model_path.is_dir():  # size and time stand for the (large) weight files
         for file in sorted(model_path.iterdir()):

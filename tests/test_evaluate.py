@@ -232,6 +232,18 @@ def test_answers_decoded_in_another_dtype_are_not_served_from_the_cache(tmp_path
     assert GenerationCache(tmp_path, spec, "cpu:bfloat16").entries == {"a": Completion("x", 1)}
 
 
+@pytest.mark.parametrize("change", ["torch", "transformers", "revision"])
+def test_answers_decoded_by_other_code_are_not_served_from_the_cache(tmp_path, monkeypatch, change):
+    spec = ModelSpec("base", str(empty_model_folder(tmp_path)))
+    GenerationCache(tmp_path, spec, "cpu:float32").add(["a"], [Completion("x", 1)])
+    if change == "revision":
+        monkeypatch.setattr(cached_generation, "DECODING_REVISION", cached_generation.DECODING_REVISION + 1)
+    else:
+        module = getattr(cached_generation, change)
+        monkeypatch.setattr(module, "__version__", module.__version__ + ".post1")
+    assert GenerationCache(tmp_path, spec, "cpu:float32").entries == {}
+
+
 @pytest.mark.parametrize("damage", ["not json at all", '{"key": "k"}', '{"key": "k", "text": "t", "new_tokens": "many"}'])
 def test_a_damaged_cache_line_in_the_middle_is_dropped_with_one_line(tmp_path, capsys, damage):
     spec = ModelSpec("base", str(empty_model_folder(tmp_path)))
