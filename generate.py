@@ -242,9 +242,10 @@ class VocabularyMajorHead(torch.nn.Module):
     [rows, vocabulary]: the product of `linear(hidden)` (equal up to rounding), in the layout MKL's
     float32 GEMM runs faster for a 262k-wide head and the few rows of a decoding step
     (python -m bench.head_layout: 2.3x at 16 rows, 1.8x at 64 on a 2-core AMD EPYC without AVX-512;
-    README "Speed and memory"). The rows are flattened into one 2-D product, so the view of the batch
-    that transformers hands the head at prefill (`hidden_states[:, -1:, :]`) is read in place; a 3-D
-    matmul would copy the weight for every row (16 x 262k x 640 bf16 = 5 GB, ~25 s)."""
+    README "Speed and memory"). The logits come out as a transposed view, which costs whatever reads
+    them: `_vocabulary_major_is_faster` says where it pays. The rows are flattened into one 2-D product,
+    so the view of the batch that transformers hands the head at prefill (`hidden_states[:, -1:, :]`) is
+    read in place; a 3-D matmul would copy the weight for every row (16 x 262k x 640 bf16 = 5 GB, ~25 s)."""
 
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
@@ -262,12 +263,22 @@ class VocabularyMajorHead(torch.nn.Module):
         return logits.reshape(*hidden.shape[:-1], logits.shape[-1])
 
 
+def _vocabulary_major_is_faster(weight: torch.Tensor) -> bool:
+    """Where greedy generation measured faster with a VocabularyMajorHead (python -m bench.head_layout,
+    batches of 64): float32 on the CPU, 1.08-1.15x on an AMD EPYC without AVX-512. Not bf16: on a Xeon
+    with AMX the product alone is 1.6x faster that way but generation 0.85-0.89x as fast, because
+    reading the transposed logits (the cast to float32 that picks the next token) costs more than the
+    product saves. GPUs are not measured, so they keep nn.Linear."""
+    return weight.device.type == "cpu" and weight.dtype == torch.float32
+
+
 def _compute_head_by_vocabulary(model: PreTrainedModel) -> None:
-    """Swap the model's linear output head (inside a trainable-token head, if any) for a VocabularyMajorHead."""
+    """Swap the model's linear output head (inside a trainable-token head, if any) for a VocabularyMajorHead
+    where that is faster."""
     head = model.get_output_embeddings()
     linear = head.base_layer if isinstance(head, TrainableTokenHead) else head
-    if isinstance(linear, VocabularyMajorHead):
-        return  # a second Generator on the same model
+    if isinstance(linear, VocabularyMajorHead) or not _vocabulary_major_is_faster(linear.weight):
+        return  # a second Generator on the same model, or a dtype where nn.Linear is faster
     if isinstance(head, TrainableTokenHead):
         head.base_layer = VocabularyMajorHead(linear)
     else:

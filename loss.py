@@ -40,9 +40,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         ctx.rows_dtype = token_rows.dtype if token_rows is not None else None
         # One set of [vocab, chunk] buffers serves every chunk and each step works in place: a fresh
         # 262k-wide temporary per operation costs a pass over memory (and page faults on the CPU).
-        # Vocabulary-major ([vocab, chunk], logits.T): MKL's float32 GEMM runs weight @ hidden.T 1.4x
-        # faster than hidden @ weight.T at 256 rows on a 2-core AMD EPYC (python -m bench.head_layout,
-        # README "Speed and memory").
+        # Vocabulary-major ([vocab, chunk], logits.T): weight @ hidden.T runs faster than hidden @ weight.T
+        # at 256 rows, 1.35x in float32 on a 2-core AMD EPYC and 1.37x in bf16 on a Xeon with AMX (python -m
+        # bench.head_layout, README "Speed and memory"), and the softmax below reads the chunk in that layout.
         width = min(chunk_rows, count)
         low = torch.empty(vocab, width, dtype=weight.dtype, device=hidden.device)
         # In float32 `wide` is `low` itself, and the copies between them below do nothing (copy_ to itself).

@@ -3,9 +3,10 @@
     python -m bench.head_layout [--model embedded] [--rows 16,64,256] [--generation-rounds 2]
 
 Row-major, `hidden @ weight.T` ([rows, vocabulary]), is what `nn.Linear` computes; vocabulary-major,
-`weight @ hidden.T` ([vocabulary, rows]), is what the training loss (loss.py) and the generator's head
-(generate.VocabularyMajorHead) compute. The same products, so only the speed may differ; it does by
-BLAS library and machine, which is why this measures it. First the bare products with the model's own
+`weight @ hidden.T` ([vocabulary, rows]), is what the training loss (loss.py) computes, and the
+generator's head (generate.VocabularyMajorHead) where it measured faster (float32 on the CPU). The same
+products, so only the speed may differ; it does by BLAS library, dtype and machine, which is why this
+measures it. First the bare products with the model's own
 head weight in the compute dtype, at the rows a decoding step multiplies (one per answer in a batch:
 16, 64) and a loss chunk (256); then greedy generation on held-out prompts with each head in turn,
 alternating (`--generation-rounds` pairs): seconds, generated tokens/s and how many answers are identical.
@@ -24,12 +25,13 @@ import torch.nn.functional as F
 import models
 from bench.generation import check_result_path, held_out_prompts, load_generator, timed, timed_completions
 from bench.measure import machine_description
-from generate import GenerationSettings, Generator
+from generate import GenerationSettings, Generator, VocabularyMajorHead
 from options import COUNT, COUNTS, DEVICE, NON_NEGATIVE_INT, add_model_option
 
 
 class RowMajorHead(torch.nn.Module):
-    """`linear(hidden)` on a contiguous input: the generator's head until commit c375ac7."""
+    """`linear(hidden)` on a contiguous input: the generator's head until commit c375ac7, and nn.Linear's
+    product, which the generator keeps where vocabulary-major is slower (bf16)."""
 
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
@@ -65,8 +67,9 @@ def measure_products(weight: torch.Tensor, row_counts: list[int], repeats: int) 
 def measure_generation(generator: Generator, prompts: list[str], settings: GenerationSettings, batch_size: int,
                        rounds: int) -> list[dict]:
     """Greedy generation with each head in turn; the model has no trainable-token head here (no adapter)."""
-    fast = generator.model.get_output_embeddings()
-    heads = {"row-major": RowMajorHead(fast.linear), "vocabulary-major": fast}
+    own = generator.model.get_output_embeddings()  # the generator's choice, put back at the end
+    linear = own.linear if isinstance(own, VocabularyMajorHead) else own
+    heads = {"row-major": RowMajorHead(linear), "vocabulary-major": VocabularyMajorHead(linear)}
     generator.complete(prompts[:1], GenerationSettings(max_new_tokens=2))  # first-call set-up, untimed
     results, first_texts = [], None
     for round_ in range(rounds):
@@ -78,7 +81,7 @@ def measure_generation(generator: Generator, prompts: list[str], settings: Gener
             results.append({"round": round_ + 1, "head": layout, "prompts": len(prompts), "batch_size": batch_size,
                             **record})
             print(json.dumps(results[-1]), flush=True)
-    generator.model.set_output_embeddings(fast)
+    generator.model.set_output_embeddings(own)
     return results
 
 

@@ -88,6 +88,13 @@ def test_the_head_is_swapped_once_and_inside_a_trainable_token_head():
         torch.testing.assert_close(with_rows.lm_head(hidden), before)
 
 
+def test_a_bf16_model_keeps_nn_linear_s_head():
+    """In bf16 the transposed logits cost more than the vocabulary-major product saves (README)."""
+    model = build_tiny_model("gemma3").to(torch.bfloat16)
+    Generator(model, make_tiny_tokenizer())
+    assert type(model.lm_head) is torch.nn.Linear
+
+
 def test_a_completion_ends_at_the_first_stop_token(generator):
     tokenizer = generator.tokenizer
     end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
