@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from transformers import (
     GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList, TextStreamer,
 )
@@ -80,7 +81,7 @@ class Generator:
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
         self.model = model
         self.tokenizer = tokenizer
-        _compute_head_by_vocabulary(model)
+        _choose_head_layout(model)
         tokenizer.padding_side = "left"  # new tokens then start at the same position in every row
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -263,26 +264,46 @@ class VocabularyMajorHead(torch.nn.Module):
         return logits.reshape(*hidden.shape[:-1], logits.shape[-1])
 
 
+class RowMajorHead(torch.nn.Module):
+    """`linear(hidden)` on a contiguous input: [rows, vocabulary] logits, nn.Linear's product, for where
+    the vocabulary-major one is slower (bf16). Contiguous because transformers hands the head a strided
+    view of the batch at prefill (`hidden_states[:, -1:, :]`), which nn.Linear turns into a batched
+    product that copies the weight for every row: 13 of the 15 s of 16 answers with an adapter, under
+    torch.profiler on a Xeon with AMX (2026-12-02), until this head made the copy a few kB."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.linear = linear
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden.contiguous(), self.linear.weight, self.linear.bias)
+
+
 def _vocabulary_major_is_faster(weight: torch.Tensor) -> bool:
     """Where greedy generation measured faster with a VocabularyMajorHead (python -m bench.head_layout,
     batches of 64): float32 on the CPU, 1.08-1.15x on an AMD EPYC without AVX-512. Not bf16: on a Xeon
     with AMX the product alone is 1.6x faster that way but generation 0.85-0.89x as fast, because
     reading the transposed logits (the cast to float32 that picks the next token) costs more than the
-    product saves. GPUs are not measured, so they keep nn.Linear."""
+    product saves. GPUs are not measured, so they keep nn.Linear's product (RowMajorHead)."""
     return weight.device.type == "cpu" and weight.dtype == torch.float32
 
 
-def _compute_head_by_vocabulary(model: PreTrainedModel) -> None:
+def _choose_head_layout(model: PreTrainedModel) -> None:
     """Swap the model's linear output head (inside a trainable-token head, if any) for a VocabularyMajorHead
-    where that is faster."""
+    where that is faster, a RowMajorHead elsewhere."""
     head = model.get_output_embeddings()
     linear = head.base_layer if isinstance(head, TrainableTokenHead) else head
-    if isinstance(linear, VocabularyMajorHead) or not _vocabulary_major_is_faster(linear.weight):
-        return  # a second Generator on the same model, or a dtype where nn.Linear is faster
+    if isinstance(linear, (VocabularyMajorHead, RowMajorHead)):
+        return  # a second Generator on the same model
+    chosen = VocabularyMajorHead(linear) if _vocabulary_major_is_faster(linear.weight) else RowMajorHead(linear)
     if isinstance(head, TrainableTokenHead):
-        head.base_layer = VocabularyMajorHead(linear)
+        head.base_layer = chosen
     else:
-        model.set_output_embeddings(VocabularyMajorHead(linear))
+        model.set_output_embeddings(chosen)
 
 
 def _chunks(items: list[int], size: int) -> Iterator[list[int]]:

@@ -41,7 +41,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         # One set of [vocab, chunk] buffers serves every chunk and each step works in place: a fresh
         # 262k-wide temporary per operation costs a pass over memory (and page faults on the CPU).
         # Vocabulary-major ([vocab, chunk], logits.T): weight @ hidden.T runs faster than hidden @ weight.T
-        # at 256 rows, 1.35x in float32 on a 2-core AMD EPYC and 1.37x in bf16 on a Xeon with AMX (python -m
+        # at 256 rows, 1.35x in float32 on a 2-core AMD EPYC and 1.37-1.57x in bf16 on a Xeon with AMX (python -m
         # bench.head_layout, README "Speed and memory"), and the softmax below reads the chunk in that layout.
         width = min(chunk_rows, count)
         low = torch.empty(vocab, width, dtype=weight.dtype, device=hidden.device)

@@ -20,25 +20,12 @@ import statistics
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import models
 from bench.generation import check_result_path, held_out_prompts, load_generator, timed, timed_completions
 from bench.measure import machine_description
-from generate import GenerationSettings, Generator, VocabularyMajorHead
+from generate import GenerationSettings, Generator, RowMajorHead, VocabularyMajorHead
 from options import COUNT, COUNTS, DEVICE, NON_NEGATIVE_INT, add_model_option
-
-
-class RowMajorHead(torch.nn.Module):
-    """`linear(hidden)` on a contiguous input: the generator's head until commit c375ac7, and nn.Linear's
-    product, which the generator keeps where vocabulary-major is slower (bf16)."""
-
-    def __init__(self, linear: torch.nn.Linear):
-        super().__init__()
-        self.linear = linear
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden.contiguous(), self.linear.weight, self.linear.bias)
 
 
 def median_seconds(device: torch.device, work, repeats: int) -> float:
@@ -68,7 +55,7 @@ def measure_generation(generator: Generator, prompts: list[str], settings: Gener
                        rounds: int) -> list[dict]:
     """Greedy generation with each head in turn; the model has no trainable-token head here (no adapter)."""
     own = generator.model.get_output_embeddings()  # the generator's choice, put back at the end
-    linear = own.linear if isinstance(own, VocabularyMajorHead) else own
+    linear = own.linear
     heads = {"row-major": RowMajorHead(linear), "vocabulary-major": VocabularyMajorHead(linear)}
     generator.complete(prompts[:1], GenerationSettings(max_new_tokens=2))  # first-call set-up, untimed
     results, first_texts = [], None

@@ -180,8 +180,8 @@ def test_serving_bench_counts_requests_and_batches():
 
 
 def test_head_layout_bench_times_both_heads_on_the_same_answers():
-    from bench.head_layout import RowMajorHead, measure_generation, measure_products
-    from generate import GenerationSettings, Generator, VocabularyMajorHead
+    from bench.head_layout import measure_generation, measure_products
+    from generate import GenerationSettings, Generator, RowMajorHead, VocabularyMajorHead
 
     generator = Generator(build_tiny_model("gemma3"), make_tiny_tokenizer())
     head = generator.model.get_output_embeddings()
