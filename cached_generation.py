@@ -21,9 +21,9 @@ import models
 from generate import Completion, GenerationSettings, Generator
 
 # Bump when a change to our code can change the tokens that greedy decoding picks (as the output head's
-# product layout did, 6d09f42, and its return to nn.Linear in bf16: other rounding), so that answers cached
-# before are generated again.
-DECODING_REVISION = 3
+# product layout did, 6d09f42, and its changes for bf16, 9ccf0d2 and back: other rounding), so that answers
+# cached before are generated again.
+DECODING_REVISION = 4
 
 
 @dataclass(frozen=True)

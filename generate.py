@@ -266,7 +266,7 @@ class VocabularyMajorHead(torch.nn.Module):
 
 class RowMajorHead(torch.nn.Module):
     """`linear(hidden)` on a contiguous input: [rows, vocabulary] logits, nn.Linear's product, for where
-    the vocabulary-major one is slower (bf16). Contiguous because transformers hands the head a strided
+    the vocabulary-major one is not known to be faster (GPUs). Contiguous because transformers hands the head a strided
     view of the batch at prefill (`hidden_states[:, -1:, :]`), which nn.Linear turns into a batched
     product that copies the weight for every row: 13 of the 15 s of 16 answers with an adapter, under
     torch.profiler on a Xeon with AMX (2026-12-02), until this head made the copy a few kB."""
@@ -284,12 +284,13 @@ class RowMajorHead(torch.nn.Module):
 
 
 def _vocabulary_major_is_faster(weight: torch.Tensor) -> bool:
-    """Where greedy generation measured faster with a VocabularyMajorHead (python -m bench.head_layout,
-    batches of 64): float32 on the CPU, 1.08-1.15x on an AMD EPYC without AVX-512. Not bf16: on a Xeon
-    with AMX the product alone is 1.6x faster that way but generation 0.85-0.89x as fast, because
-    reading the transposed logits (the cast to float32 that picks the next token) costs more than the
-    product saves. GPUs are not measured, so they keep nn.Linear's product (RowMajorHead)."""
-    return weight.device.type == "cpu" and weight.dtype == torch.float32
+    """Where greedy generation measured faster with a VocabularyMajorHead: on the CPU. Float32 on an AMD
+    EPYC without AVX-512: 1.08-1.15x (python -m bench.head_layout). Bf16 on a Xeon with AMX it depends on
+    the batch: at full batches of 64 and 96 new tokens it was 0.85-0.89x as fast (the transposed logits
+    cost more to read than the product saves; bench.head_layout), but at make eval's 512 new tokens in
+    shrinking batches, with an adapter, 1.01-1.09x faster (ad hoc, 2026-12-02), and make eval is what
+    runs. GPUs are not measured, so they keep nn.Linear's product (RowMajorHead)."""
+    return weight.device.type == "cpu"
 
 
 def _choose_head_layout(model: PreTrainedModel) -> None:

@@ -88,19 +88,24 @@ def test_the_head_is_swapped_once_and_inside_a_trainable_token_head():
         torch.testing.assert_close(with_rows.lm_head(hidden), before)
 
 
-def test_a_bf16_model_gets_nn_linear_s_product_on_a_contiguous_input():
-    """In bf16 the transposed logits cost more than the vocabulary-major product saves (README)."""
+def test_the_row_major_head_gives_nn_linear_s_logits_without_a_batched_product():
     model = build_tiny_model("gemma3").to(torch.bfloat16).requires_grad_(False)  # frozen, as Generator.load leaves it
     linear = model.lm_head
-    Generator(model, make_tiny_tokenizer())
-    assert isinstance(model.lm_head, generate.RowMajorHead) and model.lm_head.linear is linear
+    head = generate.RowMajorHead(linear)
     batch = torch.randn(3, 5, linear.in_features, dtype=torch.bfloat16)
     with torch.no_grad():
-        torch.testing.assert_close(model.lm_head(batch[:, -1:, :]), linear(batch[:, -1:, :].contiguous()), rtol=0, atol=0)
+        torch.testing.assert_close(head(batch[:, -1:, :]), linear(batch[:, -1:, :].contiguous()), rtol=0, atol=0)
         with torch.profiler.profile() as profile:
-            model.lm_head(batch[:, -1:, :])  # the strided view of prefill
+            head(batch[:, -1:, :])  # the strided view of prefill
     # nn.Linear on that view takes a batched product that copies the weight for every row
     assert "aten::bmm" not in {event.name for event in profile.events()}
+
+
+def test_the_head_is_chosen_by_device():
+    model = build_tiny_model("gemma3").to(torch.bfloat16)
+    Generator(model, make_tiny_tokenizer())
+    assert isinstance(model.lm_head, generate.VocabularyMajorHead)  # on the CPU, in any dtype
+    assert not generate._vocabulary_major_is_faster(torch.empty(2, 2, device="meta"))
 
 
 def test_a_completion_ends_at_the_first_stop_token(generator):
