@@ -238,7 +238,19 @@ class _UntilFewAreLive(StoppingCriteria):
         return torch.full_like(ended, stop)
 
 
-class VocabularyMajorHead(torch.nn.Module):
+class _HeadProduct(torch.nn.Module):
+    """An output head that computes a linear layer's logits its own way; `weight` is the layer's (tied) weight."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.linear = linear
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight
+
+
+class VocabularyMajorHead(_HeadProduct):
     """A linear output head computed as (weight @ hidden.T).T, a [vocabulary, rows] product seen as
     [rows, vocabulary]: the product of `linear(hidden)` (equal up to rounding), in the layout MKL's
     float32 GEMM runs faster for a 262k-wide head and the few rows of a decoding step
@@ -248,14 +260,6 @@ class VocabularyMajorHead(torch.nn.Module):
     so the view of the batch that transformers hands the head at prefill (`hidden_states[:, -1:, :]`) is
     read in place; a 3-D matmul would copy the weight for every row (16 x 262k x 640 bf16 = 5 GB, ~25 s)."""
 
-    def __init__(self, linear: torch.nn.Linear):
-        super().__init__()
-        self.linear = linear
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.linear.weight
-
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         rows = hidden.reshape(-1, hidden.shape[-1])
         logits = (self.linear.weight @ rows.T).T
@@ -264,20 +268,12 @@ class VocabularyMajorHead(torch.nn.Module):
         return logits.reshape(*hidden.shape[:-1], logits.shape[-1])
 
 
-class RowMajorHead(torch.nn.Module):
+class RowMajorHead(_HeadProduct):
     """`linear(hidden)` on a contiguous input: [rows, vocabulary] logits, nn.Linear's product, for where
-    the vocabulary-major one is not known to be faster (GPUs). Contiguous because transformers hands the head a strided
-    view of the batch at prefill (`hidden_states[:, -1:, :]`), which nn.Linear turns into a batched
-    product that copies the weight for every row: 13 of the 15 s of 16 answers with an adapter, under
-    torch.profiler on a Xeon with AMX (2026-12-02), until this head made the copy a few kB."""
-
-    def __init__(self, linear: torch.nn.Linear):
-        super().__init__()
-        self.linear = linear
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.linear.weight
+    the vocabulary-major one is not known to be faster (GPUs). Contiguous because transformers hands the
+    head a strided view of the batch at prefill (`hidden_states[:, -1:, :]`), which nn.Linear on frozen
+    weights turns into a batched product that copies the weight for every row: 13 of the 15 s of 16
+    answers with an adapter, under torch.profiler on a Xeon with AMX (2026-12-02)."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden.contiguous(), self.linear.weight, self.linear.bias)
