@@ -21,8 +21,8 @@ import models
 from generate import Completion, GenerationSettings, Generator
 
 # Bump when a change to our code can change the tokens that greedy decoding picks (as the output head's
-# product layout did, 6d09f42, and its changes for bf16, 9ccf0d2 and back: other rounding), so that answers
-# cached before are generated again.
+# product layout did, 6d09f42, and RowMajorHead on GPUs, ebf28dc; 3 was a row-major bf16 CPU head that never
+# landed: other rounding), so that answers cached before are generated again.
 DECODING_REVISION = 4
 
 

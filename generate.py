@@ -294,7 +294,7 @@ def _choose_head_layout(model: PreTrainedModel) -> None:
     where that is faster, a RowMajorHead elsewhere."""
     head = model.get_output_embeddings()
     linear = head.base_layer if isinstance(head, TrainableTokenHead) else head
-    if isinstance(linear, (VocabularyMajorHead, RowMajorHead)):
+    if isinstance(linear, _HeadProduct):
         return  # a second Generator on the same model
     chosen = VocabularyMajorHead(linear) if _vocabulary_major_is_faster(linear.weight) else RowMajorHead(linear)
     if isinstance(head, TrainableTokenHead):

@@ -4,12 +4,13 @@
 
 Row-major, `hidden @ weight.T` ([rows, vocabulary]), is what `nn.Linear` computes; vocabulary-major,
 `weight @ hidden.T` ([vocabulary, rows]), is what the training loss (loss.py) computes, and the
-generator's head (generate.VocabularyMajorHead) where it measured faster (float32 on the CPU). The same
-products, so only the speed may differ; it does by BLAS library, dtype and machine, which is why this
-measures it. First the bare products with the model's own
-head weight in the compute dtype, at the rows a decoding step multiplies (one per answer in a batch:
-16, 64) and a loss chunk (256); then greedy generation on held-out prompts with each head in turn,
-alternating (`--generation-rounds` pairs): seconds, generated tokens/s and how many answers are identical.
+generator's head on the CPU (generate.VocabularyMajorHead). The same products, so only the speed may
+differ; it does by BLAS library, dtype, machine and workload, which is why this measures it. First the
+bare products with the model's own head weight in the compute dtype, at the rows a decoding step
+multiplies (one per answer in a batch: 16, 64) and a loss chunk (256); then greedy generation on
+held-out prompts with each head in turn, alternating (`--generation-rounds` pairs): seconds, generated
+tokens/s and how many answers are identical. Full batches by default, unlike make eval's shrinking ones
+(README "Speed and memory"): --max-new-tokens and --prompts bring it closer.
 """
 
 from __future__ import annotations
@@ -55,8 +56,7 @@ def measure_generation(generator: Generator, prompts: list[str], settings: Gener
                        rounds: int) -> list[dict]:
     """Greedy generation with each head in turn; the model has no trainable-token head here (no adapter)."""
     own = generator.model.get_output_embeddings()  # the generator's choice, put back at the end
-    linear = own.linear
-    heads = {"row-major": RowMajorHead(linear), "vocabulary-major": VocabularyMajorHead(linear)}
+    heads = {"row-major": RowMajorHead(own.linear), "vocabulary-major": VocabularyMajorHead(own.linear)}
     generator.complete(prompts[:1], GenerationSettings(max_new_tokens=2))  # first-call set-up, untimed
     results, first_texts = [], None
     for round_ in range(rounds):
