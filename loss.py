@@ -1,5 +1,6 @@
 """The training loss: summed next-token cross-entropy at the labelled positions only, computed in
-chunks so the full [tokens, vocabulary] logits are never built (Gemma's head is 262k wide)."""
+chunks so the full [tokens, vocabulary] logits are never built (Gemma's head is 262k wide); optionally
+plus a token-level unlikelihood term against repeating the answer's own earlier tokens."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from lora import output_head
 
 # The 262k-wide logits are computed this many rows at a time, never all at once.
 LOSS_CHUNK_ROWS = 256
+# 1 - p below this counts as this (the log and the gradient stay finite), as in Welleck et al.
+UNLIKELIHOOD_FLOOR = 1e-5
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -24,12 +27,17 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     With `token_ids` and `token_rows` (trainable token rows of a tied head), the columns of those ids
     come from `token_rows @ hidden.T` instead, and their gradient (grad_logits[ids] @ hidden) is
     kept for `token_rows` as well.
+
+    With `negatives` ([tokens, K] ids, -1 for none; see `earlier_answer_tokens`) and a weight
+    `unlikelihood` > 0, each row adds Welleck et al.'s (2019) token-level unlikelihood loss, weight x
+    sum_c -log(1 - p_c) over its negative ids c. Its gradient with respect to the logits is
+    weight x (w_c at each c - (sum_c w_c) p), with w_c = p_c / (1 - p_c): added to the softmax in place.
     """
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float | None,
-                chunk_rows: int, token_ids: torch.Tensor | None = None,
-                token_rows: torch.Tensor | None = None) -> torch.Tensor:
+                chunk_rows: int, token_ids: torch.Tensor | None = None, token_rows: torch.Tensor | None = None,
+                negatives: torch.Tensor | None = None, unlikelihood: float = 0.0) -> torch.Tensor:
         hidden = hidden.to(weight.dtype)
         count, vocab = hidden.shape[0], weight.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -66,6 +74,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             sums = logits.exp_().sum(dim=0)
             total += (sums.log() - target_logits).sum()
             grad_logits = logits.div_(sums)  # softmax
+            if unlikelihood:
+                total += _add_unlikelihood(grad_logits, negatives[chunk].T, unlikelihood)
             grad_logits[chunk_targets, columns] -= 1.0
             if softcap:
                 grad_logits.mul_(chunk_tanh.square_().neg_().add_(1.0))  # through the soft-cap: 1 - tanh^2
@@ -84,7 +94,38 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         grad_hidden, grad_rows = ctx.saved_tensors
         grad_rows = (grad_rows * grad_output).to(ctx.rows_dtype) if grad_rows is not None else None
-        return grad_hidden * grad_output.to(grad_hidden.dtype), None, None, None, None, None, grad_rows
+        return grad_hidden * grad_output.to(grad_hidden.dtype), None, None, None, None, None, grad_rows, None, None
+
+
+def _add_unlikelihood(probs: torch.Tensor, negatives: torch.Tensor, weight: float) -> torch.Tensor:
+    """Turn the softmax `probs` [vocab, n] in place into softmax + the unlikelihood loss's gradient
+    (the class docstring) for the negative ids [K, n] (-1: none); returns that loss, weighted, summed.
+    A p_c within UNLIKELIHOOD_FLOOR of 1 adds a constant (-log of the floor) and no gradient, as in
+    Welleck et al.'s clamp."""
+    present = negatives >= 0
+    ids = negatives.clamp(min=0)
+    p = probs.gather(0, ids) * present
+    rest = 1.0 - p
+    clamped = rest < UNLIKELIHOOD_FLOOR
+    loss = -rest.clamp(min=UNLIKELIHOOD_FLOOR).log().sum()
+    w = torch.where(clamped, 0.0, p / rest.clamp(min=UNLIKELIHOOD_FLOOR)) * weight
+    probs.mul_(1.0 - w.sum(dim=0))
+    probs.scatter_add_(0, ids, w)  # absent ids add 0 (their w is 0) at row 0
+    return weight * loss
+
+
+def earlier_answer_tokens(targets: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """The unlikelihood loss's negative ids of each position in `where` ([tokens, length], -1 for none):
+    the distinct ids among the earlier targets in `where` of its row (the answer written so far, not the
+    prompt, whose names an answer must copy), without the position's own target. Pushing them down is
+    what keeps a greedy decoder from repeating its own lines."""
+    length = targets.shape[1]
+    earlier = torch.ones(length, length, dtype=torch.bool, device=targets.device).tril(-1)  # [t, t']: t' < t
+    same = targets[:, :, None] == targets[:, None, :]  # [row, t, t']
+    repeated = (same & earlier & where[:, None, :]).any(dim=-1)  # [row, t]: an earlier position has its id
+    first = where & ~repeated
+    negatives = earlier & first[:, None, :] & ~same
+    return torch.where(negatives, targets[:, None, :], -1)[where]
 
 
 def _leading(buffer: torch.Tensor, vocab: int, columns: int) -> torch.Tensor:
@@ -92,11 +133,13 @@ def _leading(buffer: torch.Tensor, vocab: int, columns: int) -> torch.Tensor:
     return buffer.view(-1)[:vocab * columns].view(vocab, columns)
 
 
-def supervised_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of next-token losses over the positions that carry a label; logits only for those."""
+def supervised_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                        unlikelihood: float = 0.0) -> torch.Tensor:
+    """Sum of next-token losses over the positions that carry a label; logits only for those. With
+    `unlikelihood` > 0, plus that weight x the token-level unlikelihood of the answer's earlier tokens."""
     hidden = decoder_hidden(model, batch)
     targets = batch["labels"][:, 1:]
-    return loss_sum_at(model, hidden, targets, targets != IGNORE_INDEX)
+    return loss_sum_at(model, hidden, targets, targets != IGNORE_INDEX, unlikelihood)
 
 
 def decoder_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -105,12 +148,14 @@ def decoder_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
 
 
 def loss_sum_at(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                where: torch.Tensor) -> torch.Tensor:
+                where: torch.Tensor, unlikelihood: float = 0.0) -> torch.Tensor:
     """Summed loss of predicting `targets` from `hidden[:, :-1]` at the positions in `where`."""
     weight, token_rows = output_head(model)
     token_ids, rows = (token_rows.token_ids, token_rows.trainable_tokens_delta) if token_rows else (None, None)
+    negatives = earlier_answer_tokens(targets, where) if unlikelihood else None
     return ChunkedLinearCrossEntropy.apply(hidden[:, :-1][where], weight, targets[where],
-                                           model.config.final_logit_softcapping, LOSS_CHUNK_ROWS, token_ids, rows)
+                                           model.config.final_logit_softcapping, LOSS_CHUNK_ROWS, token_ids, rows,
+                                           negatives, unlikelihood)
 
 
 def count_supervised(batch: dict[str, torch.Tensor]) -> int:

@@ -90,6 +90,7 @@ class TrainConfig:
     max_steps: int | None = None
     max_length: int | None = None  # None: the recipe's
     grad_clip: float = 1.0
+    unlikelihood: float = 0.0  # weight of the token-level unlikelihood term against repeating the answer's tokens
     seed: int = 42
     save_every: int = 25  # a checkpoint is small (adapter + AdamW state): a killed run loses little
     eval_every: int = 50
@@ -297,7 +298,8 @@ def _train(run: Training, after_step: Callable[[int], None] | None) -> dict | No
             set_learning_rate(run.optimizer, lr)
             batches = [collate([run.examples[i] for i in micro], run.pad_id) for micro in run.windows[step]]
             loss_value, window_tokens, grad_norm = optimizer_step(
-                model, run.parameters, run.optimizer, run.scaler, batches, device, dtype, config.grad_clip, world)
+                model, run.parameters, run.optimizer, run.scaler, batches, device, dtype, config.grad_clip, world,
+                config.unlikelihood)
             # Every rank's random state after this step, held by all: Ctrl-C can then save without
             # waiting for the other ranks.
             completed, rng_after_completed = step + 1, gather(world, rng_state())
@@ -383,6 +385,10 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
     add("--max-length", type=COUNT, default=None,
         help=f"drop longer rows ({recipe_default('max_length')})")
     add("--grad-clip", type=POSITIVE, default=defaults.grad_clip, help="gradient norm clip (default: %(default)s)")
+    add("--unlikelihood", type=NON_NEGATIVE, default=defaults.unlikelihood,
+        help="weight of a token-level unlikelihood term (Welleck et al. 2019) that pushes down, at each answer "
+             "token, the answer's earlier tokens other than the right one: against greedy loops that repeat "
+             "lines. The train loss logged includes it; the held-out loss does not (default: %(default)s, off)")
     add("--seed", type=SEED, default=defaults.seed, help="seed for init, dropout and data order (default: %(default)s)")
     add("--save-every", type=COUNT, default=defaults.save_every, help="checkpoint every N steps (default: %(default)s)")
     add("--eval-every", type=COUNT, default=defaults.eval_every, help="held-out loss every N steps (default: %(default)s)")

@@ -18,13 +18,15 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 
 def accumulate_gradients(model, batches: list[dict], device: torch.device, dtype: torch.dtype,
-                         scaler: torch.amp.GradScaler, world: World = SINGLE_PROCESS) -> tuple[float, int]:
+                         scaler: torch.amp.GradScaler, world: World = SINGLE_PROCESS,
+                         unlikelihood: float = 0.0) -> tuple[float, int]:
     """Backward over this rank's micro-batches of one optimizer step; returns (window loss, supervised
     tokens), both over the whole window (all ranks).
 
     The loss is averaged per supervised token over the whole window, which makes batch 4 x
     accumulation 4 the same gradient as batch 16 x 1 (a mean of per-micro-batch means would not be),
-    and N ranks the same as one (distributed.py).
+    and N ranks the same as one (distributed.py). `unlikelihood` > 0 adds that weight x the token-level
+    unlikelihood term (loss.py) to the loss, averaged the same way.
     """
     local_tokens = sum(count_supervised(batch) for batch in batches)
     window_tokens = int(sum_over_ranks(world, [local_tokens])[0])
@@ -32,7 +34,7 @@ def accumulate_gradients(model, batches: list[dict], device: torch.device, dtype
     for batch in batches:
         batch = {key: value.to(device) for key, value in batch.items()}
         with autocast(device, dtype):
-            loss = supervised_loss_sum(model, batch) / window_tokens
+            loss = supervised_loss_sum(model, batch, unlikelihood) / window_tokens
         scaler.scale(loss).backward()
         loss_value += loss.item()
     return sum_over_ranks(world, [loss_value])[0], window_tokens
@@ -62,9 +64,10 @@ def set_learning_rate(optimizer, lr: float) -> None:
 
 
 def optimizer_step(model, parameters: list, optimizer, scaler, batches: list[dict], device: torch.device,
-                   dtype: torch.dtype, grad_clip: float, world: World = SINGLE_PROCESS) -> tuple[float, int, float]:
+                   dtype: torch.dtype, grad_clip: float, world: World = SINGLE_PROCESS,
+                   unlikelihood: float = 0.0) -> tuple[float, int, float]:
     """One optimizer step over its micro-batches; returns (loss, supervised tokens, gradient norm)."""
-    loss, tokens = accumulate_gradients(model, batches, device, dtype, scaler, world)
+    loss, tokens = accumulate_gradients(model, batches, device, dtype, scaler, world, unlikelihood)
     sum_gradients(world, parameters)  # every rank now holds the whole window's gradient
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(parameters, grad_clip).item()

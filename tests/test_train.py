@@ -185,6 +185,21 @@ def test_run_writes_adapter_metrics_plot_and_summary(tiny_setup, tmp_path):
     assert training_log.summary_line(summary).startswith("done: trainable params")
 
 
+def test_unlikelihood_changes_training_but_not_the_held_out_loss_s_meaning(tiny_setup, tmp_path):
+    """--unlikelihood 1 trains another adapter, is recorded with the run, and adds to the train loss only."""
+    train.run(tiny_config(tiny_setup, tmp_path / "plain"))
+    train.run(tiny_config(tiny_setup, tmp_path / "unlikelihood", unlikelihood=1.0))
+    plain, pushed = adapter_tensors(tmp_path / "plain"), adapter_tensors(tmp_path / "unlikelihood")
+    assert any(not torch.equal(plain[key], pushed[key]) for key in plain)
+    assert json.loads((tmp_path / "unlikelihood" / "train_config.json").read_text())["unlikelihood"] == 1.0
+    metrics = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+               for name in ("plain", "unlikelihood")}
+    first_loss = {name: next(m["loss"] for m in lines if "loss" in m) for name, lines in metrics.items()}
+    held_out_at_0 = {name: lines[0]["held_out_loss"] for name, lines in metrics.items()}
+    assert first_loss["unlikelihood"] > first_loss["plain"]  # the same first step, plus the term
+    assert held_out_at_0["unlikelihood"] == held_out_at_0["plain"]
+
+
 def run_in_a_fresh_process(config: train.TrainConfig, kill_after_step: int | None = None) -> int:
     """train.run(config) in a new Python process (its own compilations, as after a restart): the exit code."""
     after_step = "None"
