@@ -31,7 +31,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     With `negatives` ([tokens, K] ids, -1 for none; see `earlier_answer_tokens`) and a weight
     `unlikelihood` > 0, each row adds Welleck et al.'s (2019) token-level unlikelihood loss, weight x
     sum_c -log(1 - p_c) over its negative ids c. Its gradient with respect to the logits is
-    weight x (w_c at each c - (sum_c w_c) p), with w_c = p_c / (1 - p_c): added to the softmax in place.
+    weight x (w_c at each c - (sum_c w_c) p), with w_c = p_c / (1 - p_c): made with the softmax, in its pass.
     """
 
     @staticmethod
@@ -73,9 +73,13 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             target_logits = logits[chunk_targets, columns]
             sums = logits.exp_().sum(dim=0)
             total += (sums.log() - target_logits).sum()
-            grad_logits = logits.div_(sums)  # softmax
-            if unlikelihood:
-                total += _add_unlikelihood(grad_logits, negatives[chunk].T, unlikelihood)
+            if unlikelihood:  # softmax x (1 - sum_c w_c) + w_c at each c, in the same pass as the softmax
+                ids, w, pushed = _unlikelihood(logits, sums, negatives[chunk].T, unlikelihood)
+                total += pushed
+                grad_logits = logits.mul_((1.0 - w.sum(dim=0)) / sums)
+                grad_logits.scatter_add_(0, ids, w)  # absent ids add 0 (their w is 0) at row 0
+            else:
+                grad_logits = logits.div_(sums)  # softmax
             grad_logits[chunk_targets, columns] -= 1.0
             if softcap:
                 grad_logits.mul_(chunk_tanh.square_().neg_().add_(1.0))  # through the soft-cap: 1 - tanh^2
@@ -97,21 +101,19 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_hidden * grad_output.to(grad_hidden.dtype), None, None, None, None, None, grad_rows, None, None
 
 
-def _add_unlikelihood(probs: torch.Tensor, negatives: torch.Tensor, weight: float) -> torch.Tensor:
-    """Turn the softmax `probs` [vocab, n] in place into softmax + the unlikelihood loss's gradient
-    (the class docstring) for the negative ids [K, n] (-1: none); returns that loss, weighted, summed.
+def _unlikelihood(exp_logits: torch.Tensor, sums: torch.Tensor, negatives: torch.Tensor,
+                  weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For the negative ids [K, n] (-1: none) of a chunk whose softmax is exp_logits / sums: (ids, the
+    gradient weights weight x w_c of the class docstring, the weighted loss summed). Only the [K, n]
+    probabilities are read, so the caller applies the gradient in its one pass over the chunk.
     A p_c within UNLIKELIHOOD_FLOOR of 1 adds a constant (-log of the floor) and no gradient, as in
     Welleck et al.'s clamp."""
     present = negatives >= 0
     ids = negatives.clamp(min=0)
-    p = probs.gather(0, ids) * present
-    rest = 1.0 - p
-    clamped = rest < UNLIKELIHOOD_FLOOR
-    loss = -rest.clamp(min=UNLIKELIHOOD_FLOOR).log().sum()
-    w = torch.where(clamped, 0.0, p / rest.clamp(min=UNLIKELIHOOD_FLOOR)) * weight
-    probs.mul_(1.0 - w.sum(dim=0))
-    probs.scatter_add_(0, ids, w)  # absent ids add 0 (their w is 0) at row 0
-    return weight * loss
+    p = exp_logits.gather(0, ids) / sums * present
+    rest = (1.0 - p).clamp(min=UNLIKELIHOOD_FLOOR)
+    w = torch.where(1.0 - p < UNLIKELIHOOD_FLOOR, 0.0, p / rest) * weight
+    return ids, w, -weight * rest.log().sum()
 
 
 def earlier_answer_tokens(targets: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
