@@ -41,11 +41,16 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_adapter(model: nn.Module, directory: str | Path, config: LoRAConfig) -> None:
     """Write both files atomically (temporary file, fsync, rename): a crash never leaves half a file."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     tensors = adapter_state_dict(model)
     if not tensors:
         raise AdapterError("the model has no LoRA layers to save")
+    save_adapter_tensors(tensors, directory, config)
+
+
+def save_adapter_tensors(tensors: dict[str, torch.Tensor], directory: str | Path, config: LoRAConfig) -> None:
+    """save_adapter for tensors already under PEFT's key names (e.g. an average of adapters)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
     text = json.dumps(config.to_peft_json(), indent=2) + "\n"
     atomic_write(directory / CONFIG_NAME, lambda path: Path(path).write_text(text))

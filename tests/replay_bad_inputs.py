@@ -276,6 +276,18 @@ def build_cases(tmp: Path) -> list[Case]:
         Case("export adapter missing", ["export.py", str(tmp / "nope"), str(tmp / "merged"), *base], expect="nope"),
         Case("export adapter r sixteen", ["export.py", str(bad_r), str(tmp / "merged2"), *base],
              expect="adapter_config.json"),
+        # average.py
+        Case("average into an existing folder", ["average.py", str(adapter), str(adapter), "--out", str(tmp)],
+             expect="already exists", keep=[adapter]),
+        Case("average into a path under a file", ["average.py", str(adapter), str(adapter), "--out",
+                                                  str(a_file / "avg")], expect="a_file.txt", keep=[a_file]),
+        Case("average one adapter", ["average.py", str(adapter), "--out", str(tmp / "avg")], expect="at least two"),
+        Case("average adapter missing", ["average.py", str(adapter), str(tmp / "nope"), "--out", str(tmp / "avg")],
+             expect="nope"),
+        Case("average adapter r sixteen", ["average.py", str(adapter), str(bad_r), "--out", str(tmp / "avg")],
+             expect="adapter_config.json"),
+        Case("average of an adapter with itself", ["average.py", str(adapter), str(adapter), "--out",
+                                                   str(tmp / "avg")], ok=True, expect="average of 2 adapters"),
         # serve.py
         Case("serve port 70000", ["serve.py", *base, "--port", "70000"], expect="--port"),
         Case("serve port in use", ["serve.py", *base, "--port", busy_port, "--adapter", f"a={adapter}"],
