@@ -17,9 +17,7 @@ import tempfile
 from pathlib import Path
 
 from files import FileError, check_writable
-from lora import AdapterError
-from lora.adapter import save_adapter_tensors
-from lora.average import average_adapters
+from lora import AdapterError, average_adapters, save_adapter_tensors
 from training_log import trained_on_nf4, write_settings
 
 
