@@ -1,12 +1,13 @@
 # Everything runs inside .venv, created on first use from the pinned requirements files.
 # Overridable: make train RANK=8 MODEL=google/gemma-2-2b DATASET=iamtarun/python_code_instructions_18k_alpaca
-#              EPOCHS=3 MAX_STEPS=100 OUT=outputs/my_run NPROC=2
+#              EPOCHS=3 MAX_STEPS=100 SEED=1 OUT=outputs/my_run NPROC=2
 PYTHON := .venv/bin/python
 RANK ?= 16
 MODEL ?= embedded
 DATASET ?= default
 EPOCHS ?=
 MAX_STEPS ?=
+SEED ?=
 OUT ?=
 LIMIT ?=
 PORT ?= 8000
@@ -17,7 +18,7 @@ TRAINER = $(if $(NPROC),.venv/bin/torchrun --standalone --nproc-per-node $(NPROC
 
 # Optional overrides become flags only when set.
 TRAIN_FLAGS = --model $(MODEL) --dataset $(DATASET) --rank $(RANK) \
-	$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(MAX_STEPS),--max-steps $(MAX_STEPS)) $(if $(OUT),--out $(OUT))
+	$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(MAX_STEPS),--max-steps $(MAX_STEPS)) $(if $(SEED),--seed $(SEED)) $(if $(OUT),--out $(OUT))
 
 .PHONY: venv test train qlora eval sweep serve bench bench-profile bench-serve data
 
