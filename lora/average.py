@@ -15,7 +15,6 @@ average equals the mean of the merged models' weights (up to float32 rounding).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -24,10 +23,7 @@ import torch
 
 from .adapter import read_adapter_config, read_adapter_weights
 from .config import AdapterError, LoRAConfig
-
-
-def lora_scale(config: LoRAConfig, rank: int) -> float:
-    return config.alpha / (math.sqrt(rank) if config.use_rslora else rank)
+from .layer import lora_scaling
 
 
 def average_adapters(directories: Sequence[str | Path]) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
@@ -40,8 +36,9 @@ def average_adapters(directories: Sequence[str | Path]) -> tuple[LoRAConfig, dic
         _check_compatible(directories[0], configs[0], weights[0], directory, config, tensors)
     rank = sum(config.rank for config in configs)
     averaged_config = replace(configs[0], rank=rank)
-    target_scale = lora_scale(averaged_config, rank)
-    factors = [lora_scale(config, config.rank) / (len(configs) * target_scale) for config in configs]
+    target_scale = lora_scaling(averaged_config.alpha, rank, averaged_config.use_rslora)
+    factors = [lora_scaling(config.alpha, config.rank, config.use_rslora) / (len(configs) * target_scale)
+               for config in configs]
     averaged = {}
     for key in weights[0]:
         parts = [tensors[key].float() for tensors in weights]

@@ -8,6 +8,11 @@ import torch
 from torch import nn
 
 
+def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
+    """s in LoRALinear's formula: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
 class LoRALinear(nn.Module):
     """Wraps a frozen linear-like module `base` (nn.Linear, or quant.NF4Linear) with a low-rank update.
 
@@ -35,7 +40,7 @@ class LoRALinear(nn.Module):
         self.rank = rank
         self.alpha = alpha
         self.use_rslora = use_rslora
-        self.scaling = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+        self.scaling = lora_scaling(alpha, rank, use_rslora)
         device = _device_of(base)
         self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=torch.float32)
