@@ -12,13 +12,12 @@ no better than either run (README, "Averaging two training runs"). Adapters trai
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-from files import FileError, check_writable
+from files import FileError, check_new_folder
 from lora import AdapterError, average_adapters, save_adapter_tensors
+from lora.adapter import write_new_folder
 from training_log import trained_on_nf4, write_settings
 
 
@@ -38,23 +37,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def write_average(adapters: list[Path], out: Path) -> None:
     """Average `adapters` into the new folder `out`, written whole or not at all."""
-    if out.exists():
-        raise FileError(f"{out} already exists; choose a new folder for the average")
-    check_writable(out, folder=True)
+    check_new_folder(out, "average")
     on_nf4 = {trained_on_nf4(folder) for folder in adapters}
     if len(on_nf4) > 1:
         raise AdapterError("some adapters were trained on an NF4 base (make qlora) and some not; "
                            "average only adapters of one base")
     config, tensors = average_adapters(adapters)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+
+    def write(staging: Path) -> None:
         save_adapter_tensors(tensors, staging, config)
         # Read back by generate.py / evaluate.py / export.py to decide the base (NF4 or not).
         write_settings(staging, {"averaged_from": [str(folder) for folder in adapters], "qlora": on_nf4.pop()})
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    write_new_folder(out, write, "average")
 
 
 if __name__ == "__main__":

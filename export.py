@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import models
-from files import FileError, check_writable
+from files import FileError, check_new_folder
 from lora import AdapterError, export_merged, load_adapter
 from options import add_model_option
 from training_log import trained_on_nf4
@@ -34,27 +34,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="dtype of the saved weights (default: %(default)s)")
     args = parser.parse_args(argv)
     try:
-        check_new_folder(Path(args.out))  # before the slow loading and merging
+        check_new_folder(Path(args.out), "merged model")  # before the slow loading and merging
         nf4 = args.nf4 or trained_on_nf4(args.adapter)
         model = models.load_model(args.model, torch.device("cpu"), torch.float32, nf4=nf4)
         tokenizer = models.load_tokenizer(args.model)
         load_adapter(model, args.adapter)
         export_merged(model, tokenizer, args.out, getattr(torch, args.dtype))
-    except (AdapterError, models.ModelLoadError, OSError) as error:
+    except (AdapterError, FileError, models.ModelLoadError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"merged model written to {args.out}")
     return 0
-
-
-def check_new_folder(path: Path) -> None:
-    """Raises AdapterError unless `path` is new and can be created."""
-    if path.exists():
-        raise AdapterError(f"{path} already exists; choose a new folder for the merged model")
-    try:
-        check_writable(path, folder=True)
-    except FileError as error:
-        raise AdapterError(str(error)) from None
 
 
 if __name__ == "__main__":

@@ -57,6 +57,13 @@ def check_writable(path: Path, folder: bool = False) -> None:
         raise FileError(f"{path} cannot be written: no permission to write in {ancestor}")
 
 
+def check_new_folder(path: Path, what: str) -> None:
+    """Raises FileError unless `path` is new and can be created as a folder: nothing is overwritten."""
+    if path.exists():
+        raise FileError(f"{path} already exists; choose a new folder for the {what}")
+    check_writable(path, folder=True)
+
+
 def first_line(error: BaseException) -> str:
     """An exception's message cut to its first line (its type's name when it has none)."""
     text = str(error).strip()

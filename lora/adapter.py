@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -145,3 +146,17 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def write_new_folder(directory: Path, write: Callable[[Path], object], what: str) -> None:
+    """Call write(staging folder) beside `directory`, then rename the staging folder to `directory`: the
+    folder appears whole or not at all, and an existing one is never touched."""
+    if directory.exists():
+        raise AdapterError(f"{directory} already exists; choose a new folder for the {what}")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        write(staging)
+        staging.rename(directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

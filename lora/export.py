@@ -8,14 +8,12 @@ correct *that* base. The result is never re-quantized, which would round away mu
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .config import AdapterError
+from .adapter import write_new_folder
 from .inject import lora_layers
 from .tokens import merge_token_rows
 
@@ -37,19 +35,13 @@ def merge_into_plain_linears(model: nn.Module, dtype: torch.dtype) -> None:
 
 def export_merged(model: nn.Module, tokenizer, directory: str | Path, dtype: torch.dtype) -> None:
     """Merge and save to `directory`, which must not exist yet (nothing is overwritten)."""
-    directory = Path(directory)
-    if directory.exists():
-        raise AdapterError(f"{directory} already exists; choose a new folder for the merged model")
-    merge_into_plain_linears(model, dtype)
-    model.config.dtype = dtype
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    def write(staging: Path) -> None:
+        merge_into_plain_linears(model, dtype)
+        model.config.dtype = dtype
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        staging.rename(directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    write_new_folder(Path(directory), write, "merged model")
 
 
 def _plain_linear(base: nn.Module, dtype: torch.dtype) -> nn.Linear:
