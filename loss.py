@@ -32,12 +32,16 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     `unlikelihood` > 0, each row adds Welleck et al.'s (2019) token-level unlikelihood loss, weight x
     sum_c -log(1 - p_c) over its negative ids c. Its gradient with respect to the logits is
     weight x (w_c at each c - (sum_c w_c) p), with w_c = p_c / (1 - p_c): made with the softmax, in its pass.
+
+    With `weights` ([tokens], float), each token's cross-entropy and its gradient are multiplied by its weight
+    (negative weights push the target's probability down): how repetition.py applies its loss's gradient.
     """
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float | None,
                 chunk_rows: int, token_ids: torch.Tensor | None = None, token_rows: torch.Tensor | None = None,
-                negatives: torch.Tensor | None = None, unlikelihood: float = 0.0) -> torch.Tensor:
+                negatives: torch.Tensor | None = None, unlikelihood: float = 0.0,
+                weights: torch.Tensor | None = None) -> torch.Tensor:
         hidden = hidden.to(weight.dtype)
         count, vocab = hidden.shape[0], weight.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -72,7 +76,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             logits.sub_(logits.amax(dim=0))  # each column's largest logit is now 0
             target_logits = logits[chunk_targets, columns]
             sums = logits.exp_().sum(dim=0)
-            total += (sums.log() - target_logits).sum()
+            token_losses = sums.log() - target_logits
+            total += (token_losses * weights[chunk]).sum() if weights is not None else token_losses.sum()
             if unlikelihood:  # softmax x (1 - sum_c w_c) + w_c at each c, in the same pass as the softmax
                 ids, w, pushed = _unlikelihood(logits, sums, negatives[chunk].T, unlikelihood)
                 total += pushed
@@ -81,6 +86,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             else:
                 grad_logits = logits.div_(sums)  # softmax
             grad_logits[chunk_targets, columns] -= 1.0
+            if weights is not None:
+                grad_logits.mul_(weights[chunk].to(grad_logits.dtype))
             if softcap:
                 grad_logits.mul_(chunk_tanh.square_().neg_().add_(1.0))  # through the soft-cap: 1 - tanh^2
             if rows is not None:
@@ -98,7 +105,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         grad_hidden, grad_rows = ctx.saved_tensors
         grad_rows = (grad_rows * grad_output).to(ctx.rows_dtype) if grad_rows is not None else None
-        return grad_hidden * grad_output.to(grad_hidden.dtype), None, None, None, None, None, grad_rows, None, None
+        return grad_hidden * grad_output.to(grad_hidden.dtype), None, None, None, None, None, grad_rows, None, None, None
 
 
 def _unlikelihood(exp_logits: torch.Tensor, sums: torch.Tensor, negatives: torch.Tensor,
@@ -150,14 +157,16 @@ def decoder_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
 
 
 def loss_sum_at(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                where: torch.Tensor, unlikelihood: float = 0.0) -> torch.Tensor:
-    """Summed loss of predicting `targets` from `hidden[:, :-1]` at the positions in `where`."""
+                where: torch.Tensor, unlikelihood: float = 0.0, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed loss of predicting `targets` from `hidden[:, :-1]` at the positions in `where` (each position's
+    loss times its entry in `weights`, shaped like `targets`, if given)."""
     weight, token_rows = output_head(model)
     token_ids, rows = (token_rows.token_ids, token_rows.trainable_tokens_delta) if token_rows else (None, None)
     negatives = earlier_answer_tokens(targets, where) if unlikelihood else None
     return ChunkedLinearCrossEntropy.apply(hidden[:, :-1][where], weight, targets[where],
                                            model.config.final_logit_softcapping, LOSS_CHUNK_ROWS, token_ids, rows,
-                                           negatives, unlikelihood)
+                                           negatives, unlikelihood,
+                                           weights[where] if weights is not None else None)
 
 
 def count_supervised(batch: dict[str, torch.Tensor]) -> int:

@@ -43,6 +43,7 @@ from lora import (
 )
 from options import COUNT, DEVICE, DROPOUT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, SEED
 from train_setup import TrainError, apply_speed_options, check_adapter_fits, resolve_trainable_tokens
+from repetition import looping_batch, newline_token_ids
 from train_step import held_out_losses, make_optimizer, optimizer_step, set_learning_rate
 from training_log import (
     SUMMARY_NAME, peak_memory_bytes, plot_losses, record, summarize, summary_line, truncate_metrics, write_settings,
@@ -91,6 +92,7 @@ class TrainConfig:
     max_length: int | None = None  # None: the recipe's
     grad_clip: float = 1.0
     unlikelihood: float = 0.0  # weight of the token-level unlikelihood term against repeating the answer's tokens
+    repetition: float = 0.0  # weight of the pseudo-repetition (DITTO) loss of one looping batch per step (repetition.py)
     seed: int = 42
     save_every: int = 25  # a checkpoint is small (adapter + AdamW state): a killed run loses little
     eval_every: int = 50
@@ -185,6 +187,7 @@ class Training:
     dtype: torch.dtype
     world: World
     pad_id: int
+    newline_ids: frozenset[int]  # where lines end, for the looping batches (empty unless --repetition)
     examples: list[dict]
     windows: list[list[list[int]]]  # per optimizer step, this rank's micro-batches (example indices)
     total_steps: int
@@ -231,7 +234,8 @@ def _setup(config: TrainConfig, device: torch.device, world: World) -> Training:
     settings = run_settings(config, world)
     start_step = start_or_resume(Path(config.out), settings, fingerprint, model, optimizer, scaler,
                                  config.overwrite, world.rank)
-    return Training(config, device, dtype, world, tokenizer.pad_token_id, examples, windows, total_steps,
+    newline_ids = newline_token_ids(tokenizer) if config.repetition else frozenset()
+    return Training(config, device, dtype, world, tokenizer.pad_token_id, newline_ids, examples, windows, total_steps,
                     warmup_for(total_steps, config.warmup_steps), eval_batches, dropped, fingerprint, settings, model,
                     config.lora_config(token_ids), parameters, optimizer, scaler, start_step, started)
 
@@ -297,9 +301,12 @@ def _train(run: Training, after_step: Callable[[int], None] | None) -> dict | No
             lr = learning_rate(step, config.lr, run.warmup, run.total_steps)
             set_learning_rate(run.optimizer, lr)
             batches = [collate([run.examples[i] for i in micro], run.pad_id) for micro in run.windows[step]]
-            loss_value, window_tokens, grad_norm = optimizer_step(
+            looping = looping_batch([run.examples[i] for micro in run.windows[step] for i in micro], run.newline_ids,
+                                    config.max_length, config.batch_size, f"{config.seed}:{step}:{world.rank}",
+                                    run.pad_id) if config.repetition else None
+            loss_value, window_tokens, grad_norm, repetition_loss = optimizer_step(
                 model, run.parameters, run.optimizer, run.scaler, batches, device, dtype, config.grad_clip, world,
-                config.unlikelihood)
+                config.unlikelihood, looping, config.repetition)
             # Every rank's random state after this step, held by all: Ctrl-C can then save without
             # waiting for the other ranks.
             completed, rng_after_completed = step + 1, gather(world, rng_state())
@@ -311,7 +318,8 @@ def _train(run: Training, after_step: Callable[[int], None] | None) -> dict | No
                 record(metrics_path, history, {
                     "step": completed, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                     "supervised_tokens": window_tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-                    "peak_memory_gb": peak_memory_bytes(device) / 1e9, "wall_s": earlier_s + time.time() - run.started})
+                    "peak_memory_gb": peak_memory_bytes(device) / 1e9, "wall_s": earlier_s + time.time() - run.started,
+                    **({"repetition_loss": repetition_loss} if repetition_loss is not None else {})})
             progress.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens / seconds:.0f}")
             progress.update(1)
             if completed % config.eval_every == 0 or completed == run.total_steps:
@@ -389,6 +397,11 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
         help="weight of a token-level unlikelihood term (Welleck et al. 2019) that pushes down, at each answer "
              "token, the answer's earlier tokens other than the right one: against greedy loops that repeat "
              "lines. The train loss logged includes it; the held-out loss does not (default: %(default)s, off)")
+    add("--repetition", type=NON_NEGATIVE, default=defaults.repetition,
+        help="weight of a pseudo-repetition loss (DITTO, Xu et al. 2022): each step also trains on a batch of "
+             "training answers made to repeat a block of 1-3 of their lines, teaching each repetition to be half "
+             "as likely as the one before, against greedy loops. Logged apart as repetition_loss; costs about "
+             "a third more time per step (default: %(default)s, off)")
     add("--seed", type=SEED, default=defaults.seed, help="seed for init, dropout and data order (default: %(default)s)")
     add("--save-every", type=COUNT, default=defaults.save_every, help="checkpoint every N steps (default: %(default)s)")
     add("--eval-every", type=COUNT, default=defaults.eval_every, help="held-out loss every N steps (default: %(default)s)")

@@ -1,6 +1,6 @@
 """One optimizer step of train.py's loop, and the held-out loss: mixed precision, the loss averaged per
-supervised token over the whole accumulation window (and over all ranks under torchrun), AdamW with
-its parameter groups, clipping."""
+supervised token over the whole accumulation window (and over all ranks under torchrun), optionally plus
+the pseudo-repetition loss of a looping batch (repetition.py), AdamW with its parameter groups, clipping."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from data.dataset import IGNORE_INDEX
 from distributed import SINGLE_PROCESS, World, sum_gradients, sum_over_ranks
 from lora import token_rows
 from loss import count_supervised, decoder_hidden, loss_sum_at, supervised_loss_sum
+from repetition import repetition_loss_sum
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
@@ -40,6 +41,18 @@ def accumulate_gradients(model, batches: list[dict], device: torch.device, dtype
     return sum_over_ranks(world, [loss_value])[0], window_tokens
 
 
+def accumulate_repetition_gradients(model, batch: dict, weight: float, device: torch.device, dtype: torch.dtype,
+                                    scaler: torch.amp.GradScaler, world: World = SINGLE_PROCESS) -> float:
+    """Backward of `weight` x the looping batch's DITTO loss averaged per penalized token (over all ranks);
+    returns that mean loss (unweighted)."""
+    batch = {key: value.to(device) for key, value in batch.items()}
+    with autocast(device, dtype):
+        loss_sum, tokens = repetition_loss_sum(model, batch)
+    total_tokens = max(int(sum_over_ranks(world, [tokens])[0]), 1)
+    scaler.scale(weight * loss_sum / total_tokens).backward()
+    return sum_over_ranks(world, [loss_sum.item()])[0] / total_tokens
+
+
 def make_optimizer(model, config, device: torch.device, dtype: torch.dtype):
     """(trainable parameters, AdamW over them, GradScaler: active only for float16); `config` is a
     train.TrainConfig (lr, weight_decay, token_lr_scale).
@@ -65,16 +78,20 @@ def set_learning_rate(optimizer, lr: float) -> None:
 
 def optimizer_step(model, parameters: list, optimizer, scaler, batches: list[dict], device: torch.device,
                    dtype: torch.dtype, grad_clip: float, world: World = SINGLE_PROCESS,
-                   unlikelihood: float = 0.0) -> tuple[float, int, float]:
-    """One optimizer step over its micro-batches; returns (loss, supervised tokens, gradient norm)."""
+                   unlikelihood: float = 0.0, looping: dict | None = None,
+                   repetition: float = 0.0) -> tuple[float, int, float, float | None]:
+    """One optimizer step over its micro-batches, plus `repetition` x the DITTO loss of the `looping` batch
+    if given; returns (loss, supervised tokens, gradient norm, DITTO loss or None)."""
     loss, tokens = accumulate_gradients(model, batches, device, dtype, scaler, world, unlikelihood)
+    repetition_loss = (accumulate_repetition_gradients(model, looping, repetition, device, dtype, scaler, world)
+                       if looping is not None else None)
     sum_gradients(world, parameters)  # every rank now holds the whole window's gradient
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(parameters, grad_clip).item()
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return loss, tokens, grad_norm
+    return loss, tokens, grad_norm, repetition_loss
 
 
 def held_out_losses(model, batches: list[dict], device: torch.device, dtype: torch.dtype,

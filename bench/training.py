@@ -156,7 +156,7 @@ def run_ours(windows: list[Window], pad_id: int, config: train.TrainConfig, mete
     meter.start()
     for window in windows:
         batches = [collate(micro, pad_id) for micro in window]
-        loss, _, _ = train_step.optimizer_step(model, parameters, optimizer, scaler, batches, device, dtype,
+        loss, *_ = train_step.optimizer_step(model, parameters, optimizer, scaler, batches, device, dtype,
                                           config.grad_clip)
         meter.tick()
         losses.append(loss)
