@@ -43,37 +43,18 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 negatives: torch.Tensor | None = None, unlikelihood: float = 0.0,
                 weights: torch.Tensor | None = None) -> torch.Tensor:
         hidden = hidden.to(weight.dtype)
-        count, vocab = hidden.shape[0], weight.shape[0]
+        count = hidden.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden)
-        wide_dtype = torch.promote_types(weight.dtype, torch.float32)
-        rows = token_rows.detach().to(weight.dtype) if token_rows is not None else None
-        grad_rows = torch.zeros_like(token_rows, dtype=wide_dtype) if token_rows is not None else None
+        head = _HeadChunks(weight, softcap, min(chunk_rows, count), token_ids, token_rows)
+        rows = head.rows
+        grad_rows = torch.zeros_like(token_rows, dtype=head.wide_dtype) if token_rows is not None else None
         ctx.rows_dtype = token_rows.dtype if token_rows is not None else None
-        # One set of [vocab, chunk] buffers serves every chunk and each step works in place: a fresh
-        # 262k-wide temporary per operation costs a pass over memory (and page faults on the CPU).
-        # Vocabulary-major ([vocab, chunk], logits.T): weight @ hidden.T runs faster than hidden @ weight.T
-        # at 256 rows, 1.35x in float32 on a 2-core AMD EPYC and 1.37-1.57x in bf16 on a Xeon with AMX (python -m
-        # bench.head_layout, README "Speed and memory"), and the softmax below reads the chunk in that layout.
-        width = min(chunk_rows, count)
-        low = torch.empty(vocab, width, dtype=weight.dtype, device=hidden.device)
-        # In float32 `wide` is `low` itself, and the copies between them below do nothing (copy_ to itself).
-        wide = low if wide_dtype == weight.dtype else torch.empty(vocab, width, dtype=wide_dtype, device=hidden.device)
-        tanh = torch.empty_like(wide) if softcap else None
         for start in range(0, count, chunk_rows):
             n = min(chunk_rows, count - start)
             chunk, chunk_targets = slice(start, start + n), targets[start:start + n]
-            logits, logits_low = _leading(wide, vocab, n), _leading(low, vocab, n)
             columns = torch.arange(n, device=hidden.device)
-            torch.mm(weight, hidden[chunk].T, out=logits_low)
-            if rows is not None:
-                logits_low[token_ids] = rows @ hidden[chunk].T
-            logits.copy_(logits_low)
-            if softcap:
-                chunk_tanh = _leading(tanh, vocab, n)
-                torch.tanh(logits.div_(softcap), out=chunk_tanh)
-                torch.mul(chunk_tanh, softcap, out=logits)
-            logits.sub_(logits.amax(dim=0))  # each column's largest logit is now 0
+            logits, logits_low, chunk_tanh = head.shifted_logits(hidden[chunk])
             target_logits = logits[chunk_targets, columns]
             sums = logits.exp_().sum(dim=0)
             token_losses = sums.log() - target_logits
@@ -106,6 +87,64 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_rows = ctx.saved_tensors
         grad_rows = (grad_rows * grad_output).to(ctx.rows_dtype) if grad_rows is not None else None
         return grad_hidden * grad_output.to(grad_hidden.dtype), None, None, None, None, None, grad_rows, None, None, None
+
+
+class _HeadChunks:
+    """The head's logits of one chunk of rows at a time, in buffers reused for every chunk.
+
+    One set of [vocab, chunk] buffers serves every chunk and each step works in place: a fresh
+    262k-wide temporary per operation costs a pass over memory (and page faults on the CPU).
+    Vocabulary-major ([vocab, chunk], logits.T): weight @ hidden.T runs faster than hidden @ weight.T
+    at 256 rows, 1.35x in float32 on a 2-core AMD EPYC and 1.37-1.57x in bf16 on a Xeon with AMX (python -m
+    bench.head_layout, README "Speed and memory"), and the softmax reads the chunk in that layout.
+    """
+
+    def __init__(self, weight: torch.Tensor, softcap: float | None, width: int, token_ids: torch.Tensor | None,
+                 token_rows: torch.Tensor | None):
+        self.weight, self.softcap, self.token_ids = weight, softcap, token_ids
+        self.rows = token_rows.detach().to(weight.dtype) if token_rows is not None else None
+        self.wide_dtype = torch.promote_types(weight.dtype, torch.float32)
+        vocab, device = weight.shape[0], weight.device
+        self.low = torch.empty(vocab, width, dtype=weight.dtype, device=device)
+        # In float32 `wide` is `low` itself, and the copies between them do nothing (copy_ to itself).
+        self.wide = (self.low if self.wide_dtype == weight.dtype
+                     else torch.empty(vocab, width, dtype=self.wide_dtype, device=device))
+        self.tanh = torch.empty_like(self.wide) if softcap else None
+
+    def shifted_logits(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(the chunk's soft-capped logits, each column shifted so its largest is 0, in float32 or wider;
+        the buffer in the weight's dtype; tanh(logits / softcap) before the shift, or None), all [vocab, n]."""
+        vocab, n = self.weight.shape[0], hidden.shape[0]
+        logits, logits_low = _leading(self.wide, vocab, n), _leading(self.low, vocab, n)
+        torch.mm(self.weight, hidden.T, out=logits_low)
+        if self.rows is not None:
+            logits_low[self.token_ids] = self.rows @ hidden.T
+        logits.copy_(logits_low)
+        chunk_tanh = None
+        if self.softcap:
+            chunk_tanh = _leading(self.tanh, vocab, n)
+            torch.tanh(logits.div_(self.softcap), out=chunk_tanh)
+            torch.mul(chunk_tanh, self.softcap, out=logits)
+        logits.sub_(logits.amax(dim=0))  # each column's largest logit is now 0
+        return logits, logits_low, chunk_tanh
+
+
+@torch.no_grad()
+def target_probabilities(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The model's probability of each target ([tokens]) after `hidden` ([tokens, hidden]), in float32 or
+    wider; chunked as the loss is, never the full logits."""
+    weight, token_rows = output_head(model)
+    token_ids, rows = (token_rows.token_ids, token_rows.trainable_tokens_delta) if token_rows else (None, None)
+    hidden = hidden.to(weight.dtype)
+    head = _HeadChunks(weight, model.config.final_logit_softcapping, min(LOSS_CHUNK_ROWS, len(targets)),
+                       token_ids, rows)
+    probabilities = []
+    for start in range(0, len(targets), LOSS_CHUNK_ROWS):
+        logits, _, _ = head.shifted_logits(hidden[start:start + LOSS_CHUNK_ROWS])
+        chosen = targets[start:start + LOSS_CHUNK_ROWS]
+        target_logits = logits[chosen, torch.arange(len(chosen), device=hidden.device)]
+        probabilities.append((target_logits - logits.exp_().sum(dim=0).log()).exp())
+    return torch.cat(probabilities)
 
 
 def _unlikelihood(exp_logits: torch.Tensor, sums: torch.Tensor, negatives: torch.Tensor,

@@ -24,7 +24,7 @@ import random
 import torch
 
 from data.dataset import IGNORE_INDEX, collate
-from loss import LOSS_CHUNK_ROWS, decoder_hidden, loss_sum_at
+from loss import decoder_hidden, loss_sum_at, target_probabilities
 
 LAMBDA = 0.5  # each copy's target probability, relative to the copy before (the paper's)
 MAX_BLOCK_LINES = 3
@@ -68,6 +68,12 @@ def looping_example(example: dict, newline_ids: frozenset[int], max_length: int,
             "labels": [IGNORE_INDEX] * start + block * copies, "block_length": len(block)}
 
 
+def looping_rows(batch_size: int) -> int:
+    """Rows of the looping batch added to each optimizer step: half a micro-batch (at least one), so the
+    extra work stays near a quarter of a step at the default 4 x 4 (each looping row is full length)."""
+    return max(1, batch_size // 2)
+
+
 def looping_batch(examples: list[dict], newline_ids: frozenset[int], max_length: int, size: int,
                   seed: str, pad_id: int) -> dict[str, torch.Tensor] | None:
     """Up to `size` looping examples made from `examples` (in an order drawn from `seed`, so a resumed run
@@ -107,18 +113,3 @@ def repetition_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) 
     value = -rest[later].log().sum()
     surrogate = loss_sum_at(model, hidden, targets, later, weights=weights)
     return surrogate - surrogate.detach() + value, int(later.sum())
-
-
-@torch.no_grad()
-def target_probabilities(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The model's probability of each target ([tokens]) after `hidden` ([tokens, hidden]), in float32 or wider."""
-    head, softcap = model.get_output_embeddings(), model.config.final_logit_softcapping
-    probabilities = []
-    for start in range(0, len(targets), LOSS_CHUNK_ROWS):
-        logits = head(hidden[start:start + LOSS_CHUNK_ROWS])
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        if softcap:
-            logits = softcap * torch.tanh(logits / softcap)
-        chosen = targets[start:start + LOSS_CHUNK_ROWS, None]
-        probabilities.append(logits.log_softmax(dim=-1).gather(1, chosen).squeeze(1).exp())
-    return torch.cat(probabilities)

@@ -43,7 +43,7 @@ from lora import (
 )
 from options import COUNT, DEVICE, DROPOUT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, SEED
 from train_setup import TrainError, apply_speed_options, check_adapter_fits, resolve_trainable_tokens
-from repetition import looping_batch, newline_token_ids
+from repetition import looping_batch, looping_rows, newline_token_ids
 from train_step import held_out_losses, make_optimizer, optimizer_step, set_learning_rate
 from training_log import (
     SUMMARY_NAME, peak_memory_bytes, plot_losses, record, summarize, summary_line, truncate_metrics, write_settings,
@@ -302,7 +302,7 @@ def _train(run: Training, after_step: Callable[[int], None] | None) -> dict | No
             set_learning_rate(run.optimizer, lr)
             batches = [collate([run.examples[i] for i in micro], run.pad_id) for micro in run.windows[step]]
             looping = looping_batch([run.examples[i] for micro in run.windows[step] for i in micro], run.newline_ids,
-                                    config.max_length, config.batch_size, f"{config.seed}:{step}:{world.rank}",
+                                    config.max_length, looping_rows(config.batch_size), f"{config.seed}:{step}:{world.rank}",
                                     run.pad_id) if config.repetition else None
             loss_value, window_tokens, grad_norm, repetition_loss = optimizer_step(
                 model, run.parameters, run.optimizer, run.scaler, batches, device, dtype, config.grad_clip, world,
@@ -400,8 +400,8 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
     add("--repetition", type=NON_NEGATIVE, default=defaults.repetition,
         help="weight of a pseudo-repetition loss (DITTO, Xu et al. 2022): each step also trains on a batch of "
              "training answers made to repeat a block of 1-3 of their lines, teaching each repetition to be half "
-             "as likely as the one before, against greedy loops. Logged apart as repetition_loss; costs about "
-             "a third more time per step (default: %(default)s, off)")
+             "as likely as the one before, against greedy loops. The looping batch has half a micro-batch's rows; "
+             "logged apart as repetition_loss (default: %(default)s, off)")
     add("--seed", type=SEED, default=defaults.seed, help="seed for init, dropout and data order (default: %(default)s)")
     add("--save-every", type=COUNT, default=defaults.save_every, help="checkpoint every N steps (default: %(default)s)")
     add("--eval-every", type=COUNT, default=defaults.eval_every, help="held-out loss every N steps (default: %(default)s)")
