@@ -1,8 +1,12 @@
-"""The chunked cross-entropy against a float64 reference that builds the full logits."""
+"""The chunked cross-entropy (and the targets' probabilities) against a float64 reference that builds the full
+logits."""
 
 import pytest
 import torch
 
+import loss
+from conftest import build_tiny_model
+from lora import inject_trainable_tokens
 from loss import ChunkedLinearCrossEntropy, earlier_answer_tokens
 
 # bf16 weights take the other path through the loss: bf16 products copied into float32 logits.
@@ -82,3 +86,39 @@ def test_unlikelihood_term_matches_float64_reference(softcap, dtype):
     torch.testing.assert_close(loss.double(), reference, rtol=tolerance, atol=tolerance)
     torch.testing.assert_close(hidden.grad.double(), reference_hidden.grad, rtol=tolerance, atol=tolerance)
     torch.testing.assert_close(rows.grad, reference_rows.grad, rtol=tolerance, atol=tolerance)
+
+
+def test_per_token_weights_scale_each_token_s_loss_and_gradient():
+    """What repetition.py relies on: negative weights too."""
+    torch.manual_seed(1)
+    hidden = torch.randn(9, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 8, dtype=torch.float64) * 3
+    targets = torch.randint(0, 50, (9,))
+    weights = torch.randn(9, dtype=torch.float64)
+    loss = ChunkedLinearCrossEntropy.apply(hidden, weight, targets, 30.0, 4, None, None, None, 0.0, weights)
+    loss.backward()
+    reference_hidden = hidden.detach().clone().requires_grad_(True)
+    logits = 30.0 * torch.tanh(reference_hidden @ weight.T / 30.0)
+    reference = (weights * torch.nn.functional.cross_entropy(logits, targets, reduction="none")).sum()
+    reference.backward()
+    torch.testing.assert_close(loss.double(), reference, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(hidden.grad, reference_hidden.grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3"])
+def test_target_probabilities_are_the_model_s_softmax_at_the_targets(kind, monkeypatch):
+    """Chunked (4 rows at a time here), with trainable token rows in the tied head."""
+    monkeypatch.setattr(loss, "LOSS_CHUNK_ROWS", 4)
+    model = build_tiny_model(kind).double()
+    rows = inject_trainable_tokens(model, [4, 5])
+    with torch.no_grad():
+        rows.trainable_tokens_delta.normal_()
+    model.double()
+    input_ids = torch.randint(6, 200, (2, 7))
+    targets = torch.randint(0, 200, (2, 7))
+    targets[0, :3] = 5  # a trained row's id
+    with torch.no_grad():
+        hidden = model.model(input_ids=input_ids).last_hidden_state
+        expected = model(input_ids=input_ids).logits.softmax(-1).gather(2, targets[..., None]).squeeze(-1)
+    found = loss.target_probabilities(model, hidden.reshape(14, -1), targets.reshape(14))
+    torch.testing.assert_close(found, expected.reshape(14), rtol=1e-9, atol=1e-12)
