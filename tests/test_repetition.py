@@ -12,7 +12,7 @@ import train
 from conftest import build_tiny_model, make_tiny_tokenizer
 from data.dataset import IGNORE_INDEX, encode_example
 from lora import LoRAConfig, inject_lora, inject_trainable_tokens
-from test_train import adapter_tensors, tiny_config, tiny_setup  # noqa: F401  (a fixture)
+from test_train import adapter_tensors, assert_same_adapter, interrupt_at, tiny_config, tiny_setup  # noqa: F401
 
 ANSWER = "def f(x):\n    if x:\n        return 1\n    y = x + 1\n    return y"
 
@@ -117,12 +117,19 @@ def test_the_ditto_loss_and_its_gradient_match_a_float64_reference(tokenizer, ne
     assert all(grad.abs().sum() > 0 for grad in ours_grads)
 
 
-def test_repetition_changes_training_is_recorded_and_leaves_the_main_loss_alone(tiny_setup, tmp_path):  # noqa: F811
-    """--repetition 1 trains another adapter and logs its own loss; step 1's cross-entropy is the plain run's."""
+@pytest.fixture(scope="module")
+def lines_dataset(tiny_setup):  # noqa: F811
+    """Rows whose answers have several lines."""
     rows = [{"instruction": f"Return {i} squared.", "input": "",
              "output": f"def square_{i}():\n    y = {i}\n    y = y * y\n    return y"} for i in range(40)]
-    (tiny_setup / "lines.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    runs = {name: tiny_config(tiny_setup, tmp_path / name, dataset=str(tiny_setup / "lines.jsonl"), **changes)
+    path = tiny_setup / "lines.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def test_repetition_changes_training_is_recorded_and_leaves_the_main_loss_alone(tiny_setup, lines_dataset, tmp_path):  # noqa: F811
+    """--repetition 1 trains another adapter and logs its own loss; step 1's cross-entropy is the plain run's."""
+    runs = {name: tiny_config(tiny_setup, tmp_path / name, dataset=lines_dataset, **changes)
             for name, changes in (("plain", {}), ("ditto", {"repetition": 1.0}))}
     for config in runs.values():
         train.run(config)
@@ -134,3 +141,14 @@ def test_repetition_changes_training_is_recorded_and_leaves_the_main_loss_alone(
     assert metrics["ditto"][0]["loss"] == metrics["plain"][0]["loss"]
     assert all(m["repetition_loss"] > 0 for m in metrics["ditto"])
     assert not any("repetition_loss" in m for m in metrics["plain"])
+
+
+def test_an_interrupted_run_with_repetition_resumes_to_the_same_adapter(tiny_setup, lines_dataset, tmp_path):  # noqa: F811
+    """The looping batches depend on the step, not on what ran before, and their dropout masks resume too."""
+    def config(name):
+        return tiny_config(tiny_setup, tmp_path / name, dataset=lines_dataset, repetition=1.0)
+    train.run(config("straight"))
+    with pytest.raises(train.TrainError, match="checkpoint at step 3"):
+        train.run(config("interrupted"), after_step=interrupt_at(3))
+    train.run(config("interrupted"))
+    assert_same_adapter(tmp_path / "straight", tmp_path / "interrupted")
