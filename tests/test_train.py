@@ -399,6 +399,7 @@ def run_cli(capsys, *args) -> tuple[int, str]:
     (["--lr", "nan"], "argument --lr: must be > 0"),
     (["--dropout", "1"], "argument --dropout: must be in [0, 1)"),
     (["--trainable-tokens", "<no_such_token>"], "not a single token of this tokenizer"),
+    (["--repetition", "-0.5"], "argument --repetition: must be >= 0"),
 ])
 def test_bad_inputs_fail_with_one_clear_line(capsys, tmp_path, args, message):
     code, stderr = run_cli(capsys, *args, "--out", str(tmp_path / "out"))
