@@ -344,7 +344,8 @@ def _train(run: Training, after_step: Callable[[int], None] | None) -> dict | No
     plot_losses(history, out / "training_loss.png")
     summary = summarize(model, history, earlier_s + time.time() - run.started, peak_memory_bytes(device), run.dropped,
                         {"epochs": config.epochs, "max_length": config.max_length, "qlora": config.qlora,
-                         "processes": world.size, "compute_dtype": models.dtype_name(dtype)})
+                         "processes": world.size, "compute_dtype": models.dtype_name(dtype),
+                         "warmup_steps": run.warmup})  # as applied: --warmup-steps capped at 5% of the run
     (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

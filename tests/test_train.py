@@ -176,6 +176,7 @@ def test_run_writes_adapter_metrics_plot_and_summary(tiny_setup, tmp_path):
                  "train_summary.json", "train_config.json", "checkpoint-000006"):
         assert (out / name).exists(), name
     assert summary["steps"] == 6 and math.isfinite(summary["final_train_loss"])
+    assert summary["warmup_steps"] == 1  # the 150 asked for, capped at 5% of 6 steps
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4, 5, 6]
     assert [m["step"] for m in metrics if "held_out_loss" in m] == [0, 3, 6]
