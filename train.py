@@ -41,7 +41,7 @@ from lora import (
     ATTENTION_MODULES, AdapterError, LoRAConfig, describe_token_rows, inject_lora, inject_trainable_tokens,
     parse_target_modules, save_adapter, trainable_report,
 )
-from options import COUNT, DEVICE, DROPOUT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, SEED
+from options import COUNT, DEVICE, DROPOUT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, SEED, ranged
 from train_setup import TrainError, apply_speed_options, check_adapter_fits, resolve_trainable_tokens
 from repetition import looping_batch, looping_rows, newline_token_ids
 from train_step import held_out_losses, make_optimizer, optimizer_step, set_learning_rate
@@ -93,6 +93,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     unlikelihood: float = 0.0  # weight of the token-level unlikelihood term against repeating the answer's tokens
     repetition: float = 0.0  # weight of the pseudo-repetition (DITTO) loss of one looping batch per step (repetition.py)
+    repetition_from_copy: int = 2  # the first copy of a looping block that the DITTO loss applies to (the paper's: 2)
     seed: int = 42
     save_every: int = 25  # a checkpoint is small (adapter + AdamW state): a killed run loses little
     eval_every: int = 50
@@ -303,7 +304,7 @@ def _train(run: Training, after_step: Callable[[int], None] | None) -> dict | No
             batches = [collate([run.examples[i] for i in micro], run.pad_id) for micro in run.windows[step]]
             looping = looping_batch([run.examples[i] for micro in run.windows[step] for i in micro], run.newline_ids,
                                     config.max_length, looping_rows(config.batch_size), f"{config.seed}:{step}:{world.rank}",
-                                    run.pad_id) if config.repetition else None
+                                    run.pad_id, config.repetition_from_copy) if config.repetition else None
             loss_value, window_tokens, grad_norm, repetition_loss = optimizer_step(
                 model, run.parameters, run.optimizer, run.scaler, batches, device, dtype, config.grad_clip, world,
                 config.unlikelihood, looping, config.repetition)
@@ -403,6 +404,10 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
              "training answers made to repeat a block of 1-3 of their lines, teaching each repetition to be half "
              "as likely as the one before, against greedy loops. The looping batch has half a micro-batch's rows; "
              "logged apart as repetition_loss (default: %(default)s, off)")
+    add("--repetition-from-copy", type=ranged(int, 2), default=defaults.repetition_from_copy,
+        help="the first copy of a looping block that --repetition's loss applies to: 2 (the paper's) also teaches "
+             "that a line written once should be less likely the second time, which can hurt copying a signature "
+             "from the prompt; 3 leaves a line written twice alone (default: %(default)s)")
     add("--seed", type=SEED, default=defaults.seed, help="seed for init, dropout and data order (default: %(default)s)")
     add("--save-every", type=COUNT, default=defaults.save_every, help="checkpoint every N steps (default: %(default)s)")
     add("--eval-every", type=COUNT, default=defaults.eval_every, help="held-out loss every N steps (default: %(default)s)")

@@ -62,6 +62,10 @@ def test_an_answer_without_a_block_that_fits_twice_gives_no_example(tokenizer, n
     too_short = stop + (stop - start) - 1  # the first line cannot be written twice, nor any later one
     assert repetition.looping_example(example, newline_ids, too_short, random.Random(0)) is None
     assert repetition.looping_example(example, newline_ids, too_short + 1, random.Random(0)) is not None
+    three_times = too_short + 1 + (stop - start)  # with the loss from the third copy on, three copies must fit
+    assert repetition.looping_example(example, newline_ids, three_times - 1, random.Random(0), 3) is None
+    made = repetition.looping_example(example, newline_ids, three_times, random.Random(0), 3)
+    assert made["penalized_from"] == 2 * made["block_length"]
 
 
 def test_a_looping_batch_depends_only_on_its_seed(tokenizer, newline_ids):
@@ -74,8 +78,8 @@ def test_a_looping_batch_depends_only_on_its_seed(tokenizer, newline_ids):
     assert repetition.looping_batch(examples[-1:], newline_ids, 100, 4, "a", 0) is None
 
 
-def reference_ditto(model, batch) -> tuple[torch.Tensor, int]:
-    """The paper's loss from the model's full logits in float64, p' detached, summed over copies 2, 3, ..."""
+def reference_ditto(model, batch, first_copy: int) -> tuple[torch.Tensor, int]:
+    """The paper's loss from the model's full logits in float64, p' detached, summed over copies first_copy, ..."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
     targets = batch["labels"][:, 1:]
     probabilities = logits[:, :-1].softmax(-1).gather(2, targets.clamp(min=0)[..., None]).squeeze(-1)
@@ -83,15 +87,15 @@ def reference_ditto(model, batch) -> tuple[torch.Tensor, int]:
     for row in range(targets.shape[0]):
         labelled = (targets[row] != IGNORE_INDEX).nonzero().squeeze(1)
         size = int(batch["block_length"][row])
-        for t in labelled[size:]:
+        for t in labelled[(first_copy - 1) * size:]:
             gap = probabilities[row, t] - repetition.LAMBDA * probabilities[row, t - size].detach()
             total = total - torch.log(1 - gap.abs())
             count += 1
     return total, count
 
 
-@pytest.mark.parametrize("kind", ["gemma2", "gemma3"])
-def test_the_ditto_loss_and_its_gradient_match_a_float64_reference(tokenizer, newline_ids, kind):
+@pytest.mark.parametrize("kind, first_copy", [("gemma2", 2), ("gemma3", 2), ("gemma3", 3)])
+def test_the_ditto_loss_and_its_gradient_match_a_float64_reference(tokenizer, newline_ids, kind, first_copy):
     """LoRA and trainable token rows (reached through the tied head) both get DITTO's gradient."""
     model = build_tiny_model(kind).double()
     inject_lora(model, LoRAConfig(rank=4, dropout=0.0))
@@ -102,12 +106,12 @@ def test_the_ditto_loss_and_its_gradient_match_a_float64_reference(tokenizer, ne
             if "lora_B" in name:
                 parameter.normal_(0, 0.05)
     examples = [encode_example(tokenizer, f"Task {i}.", "", ANSWER.replace("1", str(i))) for i in range(3)]
-    batch = repetition.looping_batch(examples, newline_ids, 90, 3, "test", tokenizer.pad_token_id)
+    batch = repetition.looping_batch(examples, newline_ids, 90, 3, "test", tokenizer.pad_token_id, first_copy)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     ours, count = repetition.repetition_loss_sum(model, batch)
     ours_grads = torch.autograd.grad(ours, trainable)
-    reference, reference_count = reference_ditto(model, batch)
+    reference, reference_count = reference_ditto(model, batch, first_copy)
     reference_grads = torch.autograd.grad(reference, trainable)
 
     assert count == reference_count > 0
