@@ -45,11 +45,13 @@ def test_the_recipe_fills_only_what_the_user_left_to_it():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     embedded = train.resolve_defaults(train.TrainConfig(), cpu)
     assert (embedded.epochs, embedded.max_length, embedded.lr, embedded.token_lr_scale) == (2, 256, 1e-3, 2.5)
+    assert (embedded.repetition, embedded.repetition_from_copy) == (1.0, 3)  # DITTO on the CPU default only
     # The token rows' own rate is the same 2.5e-3 as in the study's recipe: only the LoRA rate moved.
     assert embedded.lr * embedded.token_lr_scale == pytest.approx(train.STUDY.lr * train.STUDY.token_lr_scale)
     for config, device in ((train.TrainConfig(), cuda), (train.TrainConfig(model="google/gemma-2-2b"), cpu)):
         resolved = train.resolve_defaults(config, device)
         assert (resolved.epochs, resolved.max_length, resolved.lr, resolved.token_lr_scale) == (3, 768, 2.5e-4, 10.0)
+        assert resolved.repetition == 0.0
     chosen = train.resolve_defaults(train.parse_args(["--lr", "3e-4", "--epochs", "1"]), cpu)
     assert (chosen.lr, chosen.epochs, chosen.max_length, chosen.token_lr_scale) == (3e-4, 1, 256, 2.5)
 
