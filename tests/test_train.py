@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import models
 import train
 import train_step
 import training_log
@@ -251,9 +252,12 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tiny_setup, tmp_path, comp
     assert_same_adapter(tmp_path / "straight", tmp_path / "interrupted")
 
 
-def test_a_run_resumed_with_the_other_compile_setting_trains_the_same_adapter(tiny_setup, tmp_path):
+def test_a_run_resumed_with_the_other_compile_setting_trains_the_same_adapter(tiny_setup, tmp_path, monkeypatch):
     """--compile may change between sittings: the same dropout masks, so the same adapter up to rounding
-    (with inductor's own random numbers the masks differ, and so do the rows, by ~0.2 here)."""
+    (with inductor's own random numbers the masks differ, and so do the rows, by ~0.2 here). In float32: in bf16
+    the compiled layers round differently from eager ones on some CPUs, and this run's lr 1e-2 AdamW steps turn
+    that into differences of ~0.06 after 3 steps even without dropout."""
+    monkeypatch.setattr(models, "pick_compute_dtype", lambda device: torch.float32)
     train.run(tiny_config(tiny_setup, tmp_path / "eager"))
     switched = tmp_path / "switched"
     with pytest.raises(train.TrainError, match="checkpoint at step 3"):
