@@ -42,8 +42,8 @@ from lora import (
     parse_target_modules, save_adapter, trainable_report,
 )
 from options import COUNT, DEVICE, DROPOUT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, SEED, ranged
-from train_setup import TrainError, apply_speed_options, check_adapter_fits, resolve_trainable_tokens
 from repetition import looping_batch, looping_rows, newline_token_ids
+from train_setup import TrainError, apply_speed_options, check_adapter_fits, resolve_trainable_tokens
 from train_step import held_out_losses, make_optimizer, optimizer_step, set_learning_rate
 from training_log import (
     SUMMARY_NAME, peak_memory_bytes, plot_losses, record, summarize, summary_line, truncate_metrics, write_settings,

@@ -18,6 +18,10 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
+def on_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {key: value.to(device) for key, value in batch.items()}
+
+
 def accumulate_gradients(model, batches: list[dict], device: torch.device, dtype: torch.dtype,
                          scaler: torch.amp.GradScaler, world: World = SINGLE_PROCESS,
                          unlikelihood: float = 0.0) -> tuple[float, int]:
@@ -33,7 +37,7 @@ def accumulate_gradients(model, batches: list[dict], device: torch.device, dtype
     window_tokens = int(sum_over_ranks(world, [local_tokens])[0])
     loss_value = 0.0
     for batch in batches:
-        batch = {key: value.to(device) for key, value in batch.items()}
+        batch = on_device(batch, device)
         with autocast(device, dtype):
             loss = supervised_loss_sum(model, batch, unlikelihood) / window_tokens
         scaler.scale(loss).backward()
@@ -45,7 +49,7 @@ def accumulate_repetition_gradients(model, batch: dict, weight: float, device: t
                                     scaler: torch.amp.GradScaler, world: World = SINGLE_PROCESS) -> float:
     """Backward of `weight` x the looping batch's DITTO loss averaged per penalized token (over all ranks);
     returns that mean loss (unweighted)."""
-    batch = {key: value.to(device) for key, value in batch.items()}
+    batch = on_device(batch, device)
     with autocast(device, dtype):
         loss_sum, tokens = repetition_loss_sum(model, batch)
     total_tokens = max(int(sum_over_ranks(world, [tokens])[0]), 1)
@@ -103,7 +107,7 @@ def held_out_losses(model, batches: list[dict], device: torch.device, dtype: tor
     loss = end_loss = tokens = rows = 0.0
     with torch.no_grad(), autocast(device, dtype):
         for batch in batches[world.rank::world.size]:
-            batch = {key: value.to(device) for key, value in batch.items()}
+            batch = on_device(batch, device)
             hidden = decoder_hidden(model, batch)
             targets = batch["labels"][:, 1:]
             supervised = targets != IGNORE_INDEX
