@@ -130,21 +130,30 @@ class _HeadChunks:
 
 
 @torch.no_grad()
+def target_log_probabilities(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The model's log-probability of each target ([tokens]) after `hidden` ([tokens, hidden]), in float32 or
+    wider; chunked as the loss is, never the full logits. Forward only: no gradient pass over the head, which
+    the loss's forward makes (and the held-out loss does not need)."""
+    return torch.cat(list(_target_log_probability_chunks(model, hidden, targets)))
+
+
+@torch.no_grad()
 def target_probabilities(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The model's probability of each target ([tokens]) after `hidden` ([tokens, hidden]), in float32 or
-    wider; chunked as the loss is, never the full logits."""
+    """The probability of each target: exp(target_log_probabilities), taken chunk by chunk."""
+    return torch.cat([chunk.exp() for chunk in _target_log_probability_chunks(model, hidden, targets)])
+
+
+def _target_log_probability_chunks(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor):
+    """The targets' log-probabilities, LOSS_CHUNK_ROWS at a time."""
     weight, token_rows = output_head(model)
     token_ids, rows = (token_rows.token_ids, token_rows.trainable_tokens_delta) if token_rows else (None, None)
     hidden = hidden.to(weight.dtype)
     head = _HeadChunks(weight, model.config.final_logit_softcapping, min(LOSS_CHUNK_ROWS, len(targets)),
                        token_ids, rows)
-    probabilities = []
     for start in range(0, len(targets), LOSS_CHUNK_ROWS):
         logits, _, _ = head.shifted_logits(hidden[start:start + LOSS_CHUNK_ROWS])
         chosen = targets[start:start + LOSS_CHUNK_ROWS]
-        target_logits = logits[chosen, torch.arange(len(chosen), device=hidden.device)]
-        probabilities.append((target_logits - logits.exp_().sum(dim=0).log()).exp())
-    return torch.cat(probabilities)
+        yield logits[chosen, torch.arange(len(chosen), device=hidden.device)] - logits.exp_().sum(dim=0).log()
 
 
 def _unlikelihood(exp_logits: torch.Tensor, sums: torch.Tensor, negatives: torch.Tensor,

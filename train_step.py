@@ -9,7 +9,7 @@ import torch
 from data.dataset import IGNORE_INDEX
 from distributed import SINGLE_PROCESS, World, sum_gradients, sum_over_ranks
 from lora import token_rows
-from loss import count_supervised, decoder_hidden, loss_sum_at, supervised_loss_sum
+from loss import count_supervised, decoder_hidden, supervised_loss_sum, target_log_probabilities
 from repetition import repetition_loss_sum
 
 
@@ -112,8 +112,9 @@ def held_out_losses(model, batches: list[dict], device: torch.device, dtype: tor
             targets = batch["labels"][:, 1:]
             supervised = targets != IGNORE_INDEX
             last = supervised & ~torch.nn.functional.pad(supervised[:, 1:], (0, 1))
-            loss += loss_sum_at(model, hidden, targets, supervised).item()
-            end_loss += loss_sum_at(model, hidden, targets, last).item()
+            token_losses = -target_log_probabilities(model, hidden[:, :-1][supervised], targets[supervised])
+            loss += token_losses.sum().item()
+            end_loss += token_losses[last[supervised]].sum().item()
             tokens += int(supervised.sum())
             rows += int(last.sum())
     model.train()

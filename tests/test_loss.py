@@ -1,5 +1,5 @@
-"""The chunked cross-entropy (and the targets' probabilities) against a float64 reference that builds the full
-logits."""
+"""The chunked cross-entropy (and the targets' probabilities, and the held-out losses made from them) against a
+float64 reference that builds the full logits."""
 
 import pytest
 import torch
@@ -8,6 +8,7 @@ import loss
 from conftest import build_tiny_model
 from lora import inject_trainable_tokens
 from loss import ChunkedLinearCrossEntropy, earlier_answer_tokens
+from train_step import held_out_losses
 
 # bf16 weights take the other path through the loss: bf16 products copied into float32 logits.
 TOLERANCE = {torch.float64: 1e-6, torch.bfloat16: 1e-1}  # bf16 logits of ~30 are off by ~0.1
@@ -122,3 +123,28 @@ def test_target_probabilities_are_the_model_s_softmax_at_the_targets(kind, monke
         expected = model(input_ids=input_ids).logits.softmax(-1).gather(2, targets[..., None]).squeeze(-1)
     found = loss.target_probabilities(model, hidden.reshape(14, -1), targets.reshape(14))
     torch.testing.assert_close(found, expected.reshape(14), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3"])
+def test_held_out_losses_are_the_mean_token_loss_and_the_mean_loss_of_each_answer_s_last_token(kind, monkeypatch):
+    """Forward only and chunked (3 rows at a time here), with trainable token rows in the tied head; against
+    the full logits' cross-entropy in float64. Rows of different lengths, so the last label differs by row."""
+    monkeypatch.setattr(loss, "LOSS_CHUNK_ROWS", 3)
+    model = build_tiny_model(kind).double()
+    rows = inject_trainable_tokens(model, [4, 5])
+    with torch.no_grad():
+        rows.trainable_tokens_delta.normal_()
+    model.double()
+    input_ids = torch.randint(6, 200, (2, 8))
+    labels = input_ids.clone()
+    labels[:, :3] = -100  # the prompt
+    labels[1, 6:] = -100  # the shorter row's padding
+    batch = {"input_ids": input_ids, "attention_mask": (labels != -100) | (torch.arange(8) < 3), "labels": labels}
+    found = held_out_losses(model, [batch], torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"]).logits[:, :-1]
+    token_losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, 1:], reduction="none")
+    supervised = labels[:, 1:] != -100
+    assert found["held_out_loss"] == pytest.approx(float(token_losses[supervised].mean()), rel=1e-9)
+    last_losses = token_losses[0, 6] + token_losses[1, 4]  # each row's last label: positions 7 and 5
+    assert found["held_out_end_loss"] == pytest.approx(float(last_losses / 2), rel=1e-9)
