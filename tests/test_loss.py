@@ -106,15 +106,20 @@ def test_per_token_weights_scale_each_token_s_loss_and_gradient():
     torch.testing.assert_close(hidden.grad, reference_hidden.grad, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("kind", ["gemma2", "gemma3"])
-def test_target_probabilities_are_the_model_s_softmax_at_the_targets(kind, monkeypatch):
-    """Chunked (4 rows at a time here), with trainable token rows in the tied head."""
-    monkeypatch.setattr(loss, "LOSS_CHUNK_ROWS", 4)
+def tiny_float64_model_with_token_rows(kind: str) -> torch.nn.Module:
+    """A tiny model in float64 whose tied head has trained rows for ids 4 and 5 (random, not the embedding's)."""
     model = build_tiny_model(kind).double()
     rows = inject_trainable_tokens(model, [4, 5])
     with torch.no_grad():
         rows.trainable_tokens_delta.normal_()
-    model.double()
+    return model.double()
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3"])
+def test_target_probabilities_are_the_model_s_softmax_at_the_targets(kind, monkeypatch):
+    """Chunked (4 rows at a time here), with trainable token rows in the tied head."""
+    monkeypatch.setattr(loss, "LOSS_CHUNK_ROWS", 4)
+    model = tiny_float64_model_with_token_rows(kind)
     input_ids = torch.randint(6, 200, (2, 7))
     targets = torch.randint(0, 200, (2, 7))
     targets[0, :3] = 5  # a trained row's id
@@ -130,11 +135,7 @@ def test_held_out_losses_are_the_mean_token_loss_and_the_mean_loss_of_each_answe
     """Forward only and chunked (3 rows at a time here), with trainable token rows in the tied head; against
     the full logits' cross-entropy in float64. Rows of different lengths, so the last label differs by row."""
     monkeypatch.setattr(loss, "LOSS_CHUNK_ROWS", 3)
-    model = build_tiny_model(kind).double()
-    rows = inject_trainable_tokens(model, [4, 5])
-    with torch.no_grad():
-        rows.trainable_tokens_delta.normal_()
-    model.double()
+    model = tiny_float64_model_with_token_rows(kind)
     input_ids = torch.randint(6, 200, (2, 8))
     labels = input_ids.clone()
     labels[:, :3] = -100  # the prompt
