@@ -139,7 +139,9 @@ def target_log_probabilities(model: torch.nn.Module, hidden: torch.Tensor, targe
 
 @torch.no_grad()
 def target_probabilities(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The probability of each target: exp(target_log_probabilities), taken chunk by chunk."""
+    """The probability of each target: exp(target_log_probabilities), taken chunk by chunk as before the
+    log-probabilities were split out, so DITTO's weights (repetition.py), and the adapters trained with them,
+    stay bit for bit the same (a vectorized exp may round its tail elements differently by length)."""
     return torch.cat([chunk.exp() for chunk in _target_log_probability_chunks(model, hidden, targets)])
 
 
