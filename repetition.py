@@ -70,12 +70,6 @@ def looping_example(example: dict, newline_ids: frozenset[int], max_length: int,
             "penalized_from": (first_copy - 1) * len(block)}
 
 
-def looping_rows(batch_size: int) -> int:
-    """Rows of the looping batch added to each optimizer step: half a micro-batch (at least one). Each looping
-    row is full length; at the default 4 x 4 a step took about a third longer (README, "Pseudo-repetition")."""
-    return max(1, batch_size // 2)
-
-
 def looping_batch(examples: list[dict], newline_ids: frozenset[int], max_length: int, size: int,
                   seed: str, pad_id: int, first_copy: int = 2) -> dict[str, torch.Tensor] | None:
     """Up to `size` looping examples made from `examples` (in an order drawn from `seed`, so a resumed run

@@ -42,7 +42,7 @@ from lora import (
     parse_target_modules, save_adapter, trainable_report,
 )
 from options import COUNT, DEVICE, DROPOUT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, SEED, ranged
-from repetition import looping_batch, looping_rows, newline_token_ids
+from repetition import looping_batch, newline_token_ids
 from train_setup import TrainError, apply_speed_options, check_adapter_fits, resolve_trainable_tokens
 from train_step import held_out_losses, make_optimizer, optimizer_step, set_learning_rate
 from training_log import (
@@ -96,9 +96,10 @@ class TrainConfig:
     unlikelihood: float = 0.0  # weight of the token-level unlikelihood term against repeating the answer's tokens
     repetition: float | None = None  # weight of the DITTO loss of one looping batch per step (repetition.py); None: the recipe's
     repetition_from_copy: int = 3  # the first copy of a looping block that the DITTO loss applies to (the paper's: 2)
+    repetition_rows: int = 1  # looping rows per optimizer step (and process); each is --max-length tokens long
     seed: int = 42
     save_every: int = 25  # a checkpoint is small (adapter + AdamW state): a killed run loses little
-    eval_every: int = 50
+    eval_every: int = 100  # each held-out pass costs about 1.5 optimizer steps on the CPU
     eval_rows: int = 64
     device: str | None = None
     overwrite: bool = False
@@ -305,7 +306,7 @@ def _train(run: Training, after_step: Callable[[int], None] | None) -> dict | No
             set_learning_rate(run.optimizer, lr)
             batches = [collate([run.examples[i] for i in micro], run.pad_id) for micro in run.windows[step]]
             looping = looping_batch([run.examples[i] for micro in run.windows[step] for i in micro], run.newline_ids,
-                                    config.max_length, looping_rows(config.batch_size), f"{config.seed}:{step}:{world.rank}",
+                                    config.max_length, config.repetition_rows, f"{config.seed}:{step}:{world.rank}",
                                     run.pad_id, config.repetition_from_copy) if config.repetition else None
             loss_value, window_tokens, grad_norm, repetition_loss = optimizer_step(
                 model, run.parameters, run.optimizer, run.scaler, batches, device, dtype, config.grad_clip, world,
@@ -404,12 +405,15 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
     add("--repetition", type=NON_NEGATIVE, default=None,
         help="weight of a pseudo-repetition loss (DITTO, Xu et al. 2022): each step also trains on a batch of "
              "training answers made to repeat a block of 1-3 of their lines, teaching each repetition to be half "
-             "as likely as the one before, against greedy loops. The looping batch has half a micro-batch's rows; "
-             f"logged apart as repetition_loss; 0 turns it off ({recipe_default('repetition')})")
+             "as likely as the one before, against greedy loops (rows: --repetition-rows); logged apart as "
+             f"repetition_loss; 0 turns it off ({recipe_default('repetition')})")
     add("--repetition-from-copy", type=ranged(int, 2), default=defaults.repetition_from_copy,
         help="the first copy of a looping block that --repetition's loss applies to: 2 (the paper's) also teaches "
              "that a line written once should be less likely the second time, which can hurt copying a signature "
              "from the prompt; 3 leaves a line written twice alone (default: %(default)s)")
+    add("--repetition-rows", type=COUNT, default=defaults.repetition_rows,
+        help="looping rows that --repetition adds to each optimizer step (per process), each --max-length tokens "
+             "long: one costs about a tenth of a step at batch 4 x 4 (default: %(default)s)")
     add("--seed", type=SEED, default=defaults.seed, help="seed for init, dropout and data order (default: %(default)s)")
     add("--save-every", type=COUNT, default=defaults.save_every, help="checkpoint every N steps (default: %(default)s)")
     add("--eval-every", type=COUNT, default=defaults.eval_every, help="held-out loss every N steps (default: %(default)s)")
