@@ -204,6 +204,22 @@ def test_unlikelihood_changes_training_but_not_the_held_out_loss_s_meaning(tiny_
     assert held_out_at_0["unlikelihood"] == held_out_at_0["plain"]
 
 
+def test_repetition_rows_is_the_looping_batch_s_size(tiny_setup, tmp_path, monkeypatch):
+    """--repetition-rows N: each optimizer step's looping batch has N rows (made from that step's rows)."""
+    sizes = []
+
+    def spy(*args, **kwargs):
+        batch = train_looping_batch(*args, **kwargs)
+        sizes.append(len(batch["input_ids"]))
+        return batch
+
+    train_looping_batch = train.looping_batch
+    monkeypatch.setattr(train, "looping_batch", spy)
+    train.run(tiny_config(tiny_setup, tmp_path / "run", repetition=1.0, repetition_rows=3, max_steps=2))
+    assert sizes == [3, 3]
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["repetition_rows"] == 3
+
+
 def run_in_a_fresh_process(config: train.TrainConfig, kill_after_step: int | None = None) -> int:
     """train.run(config) in a new Python process (its own compilations, as after a restart): the exit code."""
     after_step = "None"
@@ -407,6 +423,7 @@ def run_cli(capsys, *args) -> tuple[int, str]:
     (["--dropout", "1"], "argument --dropout: must be in [0, 1)"),
     (["--trainable-tokens", "<no_such_token>"], "not a single token of this tokenizer"),
     (["--repetition", "-0.5"], "argument --repetition: must be >= 0"),
+    (["--repetition-rows", "0"], "argument --repetition-rows: must be >= 1"),
 ])
 def test_bad_inputs_fail_with_one_clear_line(capsys, tmp_path, args, message):
     code, stderr = run_cli(capsys, *args, "--out", str(tmp_path / "out"))
