@@ -1,7 +1,9 @@
 # Everything runs inside .venv, created on first use from the pinned requirements files.
 # Overridable: make train RANK=8 MODEL=google/gemma-2-2b DATASET=iamtarun/python_code_instructions_18k_alpaca
 #              EPOCHS=3 MAX_STEPS=100 SEED=1 OUT=outputs/my_run NPROC=2
-PYTHON := .venv/bin/python
+#              OUTPUTS=DIR (where make eval and make serve find adapters), VENV=DIR (another virtualenv)
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
 RANK ?= 16
 MODEL ?= embedded
 DATASET ?= default
@@ -11,31 +13,39 @@ SEED ?=
 OUT ?=
 LIMIT ?=
 PORT ?= 8000
+OUTPUTS ?= outputs
 NPROC ?=
 
 # NPROC=N: N processes under torchrun (gloo on the CPU, nccl on GPUs), one shared run (distributed.py).
-TRAINER = $(if $(NPROC),.venv/bin/torchrun --standalone --nproc-per-node $(NPROC),$(PYTHON))
+TRAINER = $(if $(NPROC),$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC),$(PYTHON))
 
 # Optional overrides become flags only when set.
 TRAIN_FLAGS = --model $(MODEL) --dataset $(DATASET) --rank $(RANK) \
 	$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(MAX_STEPS),--max-steps $(MAX_STEPS)) $(if $(SEED),--seed $(SEED)) $(if $(OUT),--out $(OUT))
 
-.PHONY: venv test train qlora eval sweep serve bench bench-profile bench-serve data
+.PHONY: venv test smoke train qlora eval sweep serve bench bench-profile bench-serve data
 
-venv: .venv/.runtime-installed
+venv: $(VENV)/.runtime-installed
 
-.venv/.runtime-installed: requirements.txt
-	python3 -m venv .venv
-	.venv/bin/pip install -q --upgrade pip
-	.venv/bin/pip install -q -r requirements.txt
+$(VENV)/.runtime-installed: requirements.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -r requirements.txt
+	$(VENV)/bin/pip check
 	touch $@
 
-.venv/.test-installed: .venv/.runtime-installed requirements-test.txt
-	.venv/bin/pip install -q -r requirements-test.txt
+$(VENV)/.test-installed: $(VENV)/.runtime-installed requirements-test.txt
+	$(VENV)/bin/pip install -q -r requirements-test.txt
+	$(VENV)/bin/pip check
 	touch $@
 
-test: .venv/.test-installed
+test: $(VENV)/.test-installed
 	$(PYTHON) -m pytest -q
+
+# The README's own commands, each from a virtualenv built from requirements.txt alone and an empty
+# model cache, so that a package only the tests bring cannot hide (tests/smoke.sh; CI runs it).
+smoke:
+	bash tests/smoke.sh
 
 # LoRA on q/k/v/o; default output outputs/lora_r$(RANK). Re-running resumes from its checkpoint.
 train: venv
@@ -45,11 +55,11 @@ train: venv
 qlora: venv
 	$(TRAINER) train.py --qlora $(TRAIN_FLAGS)
 
-# Base model and every adapter under outputs/: syntax, BLEU, HumanEval pass@1 (sandboxed), with
+# Base model and every adapter under $(OUTPUTS) (outputs/): syntax, BLEU, HumanEval pass@1 (sandboxed), with
 # 95% intervals -> outputs/model_comparison.csv / .md, outputs/rank_comparison.png. LIMIT=N for a quick look
 # (written to model_comparison_limitN.* beside them).
 eval: venv
-	$(PYTHON) evaluate.py --model $(MODEL) --dataset $(DATASET) $(if $(LIMIT),--limit $(LIMIT))
+	$(PYTHON) evaluate.py --model $(MODEL) --dataset $(DATASET) --outputs $(OUTPUTS) $(if $(LIMIT),--limit $(LIMIT))
 
 # The study's experiment: LoRA r=8/16/32 and QLoRA r=16 on one recipe (train.py's defaults), evaluated with
 # the base model, compared in pairs (exact McNemar) -> outputs/model_comparison.*, outputs/paired_tests.md,
@@ -59,20 +69,20 @@ sweep: venv
 
 # OpenAI-compatible HTTP server on 127.0.0.1:$(PORT): the base model and every adapter under outputs/.
 serve: venv
-	$(PYTHON) serve.py --model $(MODEL) --port $(PORT)
+	$(PYTHON) serve.py --model $(MODEL) --outputs $(OUTPUTS) --port $(PORT)
 
 # Our LoRA / QLoRA loop side by side with PEFT + HF Trainer (benchmark-only packages in
 # requirements-bench.txt); writes bench/RESULTS.md. Run it on an otherwise idle machine (~10 min here).
-.venv/.bench-installed: .venv/.runtime-installed requirements-bench.txt
-	.venv/bin/pip install -q -r requirements-bench.txt
+$(VENV)/.bench-installed: $(VENV)/.runtime-installed requirements-bench.txt
+	$(VENV)/bin/pip install -q -r requirements-bench.txt
 	touch $@
 
-bench: .venv/.bench-installed
+bench: $(VENV)/.bench-installed
 	$(PYTHON) -m bench
 
 # Where the step time of our LoRA and of PEFT + Trainer goes (torch.profiler, by kind of work);
 # writes its own section of bench/RESULTS.md (~3 min here).
-bench-profile: .venv/.bench-installed
+bench-profile: $(VENV)/.bench-installed
 	$(PYTHON) -m bench --profile --steps 2
 
 # serve.py under load (1, 4, 16 concurrent clients; batched vs one request at a time), on the

@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import copy
 import json
+import signal
 import socket
 import sys
 import time
@@ -353,10 +354,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     scheduler.start()
     host, port = sock.getsockname()[:2]
     print(f"serving {', '.join(scheduler.generators)} on http://{host}:{port}/v1", file=sys.stderr, flush=True)
+    # uvicorn shuts down gracefully on Ctrl-C or `kill`, then raises the signal again for its caller:
+    # as KeyboardInterrupt for both, so that a deliberate stop ends with exit code 0, not a traceback.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         http_server(create_app(Server(scheduler))).run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
     finally:
         scheduler.stop()
+    print("stopped", file=sys.stderr)
     return 0
 
 
