@@ -97,7 +97,8 @@ def _setup(config: TrainConfig, device: torch.device, world: World) -> Training:
     # rank takes its slice of every micro-batch, so N ranks see exactly the rows one process would.
     schedule = schedule_micro_batches([len(e["input_ids"]) for e in examples],
                                       dataclasses.replace(config, batch_size=config.batch_size * world.size))
-    windows = [[rows for micro in schedule[i:i + config.grad_accum] if (rows := my_rows(world, micro, config.batch_size))]
+    windows = [[rows for micro in schedule[i:i + config.grad_accum]
+                if (rows := my_rows(world, micro, config.batch_size))]
                for i in range(0, len(schedule), config.grad_accum)]
     total_steps = min(len(windows), config.max_steps or len(windows))
     eval_batches = [collate(held_out[i:i + config.batch_size], tokenizer.pad_token_id)
@@ -119,9 +120,10 @@ def _setup(config: TrainConfig, device: torch.device, world: World) -> Training:
     newline_ids = newline_token_ids(tokenizer) if config.repetition else frozenset()
     return Training(
         config=config, device=device, dtype=dtype, world=world, pad_id=tokenizer.pad_token_id, newline_ids=newline_ids,
-        examples=examples, windows=windows, total_steps=total_steps, warmup=warmup_for(total_steps, config.warmup_steps),
-        eval_batches=eval_batches, dropped=dropped, fingerprint=fingerprint, settings=settings, model=model, lora=lora,
-        parameters=parameters, optimizer=optimizer, scaler=scaler, start_step=start_step, started=started,
+        examples=examples, windows=windows, total_steps=total_steps,
+        warmup=warmup_for(total_steps, config.warmup_steps), eval_batches=eval_batches, dropped=dropped,
+        fingerprint=fingerprint, settings=settings, model=model, lora=lora, parameters=parameters,
+        optimizer=optimizer, scaler=scaler, start_step=start_step, started=started,
     )
 
 
@@ -148,7 +150,8 @@ def run_settings(config: TrainConfig, world: World) -> dict:
 
 
 def _train(training: Training, after_step: Callable[[int], None] | None) -> dict | None:
-    config, model, world, device, dtype = training.config, training.model, training.world, training.device, training.dtype
+    config, model, world = training.config, training.model, training.world
+    device, dtype, optimizer = training.device, training.dtype, training.optimizer
     out = Path(config.out)
     metrics_path = out / "metrics.jsonl"
     settings = training.settings
@@ -175,23 +178,25 @@ def _train(training: Training, after_step: Callable[[int], None] | None) -> dict
 
     def save(step: int, rng: list[dict]) -> None:
         if world.is_main:
-            save_checkpoint(out, step, model, training.optimizer, training.scaler, rng, settings, training.lora, training.fingerprint)
+            save_checkpoint(out, step, model, optimizer, training.scaler, rng, settings, training.lora,
+                            training.fingerprint)
 
     completed, rng_after_completed = training.start_step, gather(world, rng_state())
-    progress = tqdm(total=training.total_steps, initial=training.start_step, desc="train", unit="step", dynamic_ncols=True,
-                    disable=not world.is_main)
+    progress = tqdm(total=training.total_steps, initial=training.start_step, desc="train", unit="step",
+                    dynamic_ncols=True, disable=not world.is_main)
     try:
         for step in range(training.start_step, training.total_steps):
             step_started = time.time()
             lr = learning_rate(step, config.lr, training.warmup, training.total_steps)
-            set_learning_rate(training.optimizer, lr)
-            batches = [collate([training.examples[i] for i in micro], training.pad_id) for micro in training.windows[step]]
-            looping = looping_batch([training.examples[i] for micro in training.windows[step] for i in micro], training.newline_ids,
+            set_learning_rate(optimizer, lr)
+            window = [[training.examples[i] for i in micro] for micro in training.windows[step]]
+            batches = [collate(examples, training.pad_id) for examples in window]
+            looping = looping_batch([example for examples in window for example in examples], training.newline_ids,
                                     config.max_length, config.repetition_rows, f"{config.seed}:{step}:{world.rank}",
                                     training.pad_id, config.repetition_from_copy) if config.repetition else None
             loss_value, window_tokens, grad_norm, repetition_loss = optimizer_step(
-                model, training.parameters, training.optimizer, training.scaler, batches, device, dtype, config.grad_clip, world,
-                config.unlikelihood, looping, config.repetition)
+                model, training.parameters, optimizer, training.scaler, batches, device, dtype, config.grad_clip,
+                world, config.unlikelihood, looping, config.repetition)
             # Every rank's random state after this step, held by all: Ctrl-C can then save without
             # waiting for the other ranks.
             completed, rng_after_completed = step + 1, gather(world, rng_state())
@@ -203,7 +208,8 @@ def _train(training: Training, after_step: Callable[[int], None] | None) -> dict
                 record(metrics_path, history, {
                     "step": completed, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                     "supervised_tokens": window_tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-                    "peak_memory_gb": peak_memory_bytes(device) / 1e9, "wall_s": earlier_s + time.time() - training.started,
+                    "peak_memory_gb": peak_memory_bytes(device) / 1e9,
+                    "wall_s": earlier_s + time.time() - training.started,
                     **({"repetition_loss": repetition_loss} if repetition_loss is not None else {})})
             progress.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens / seconds:.0f}")
             progress.update(1)
@@ -217,7 +223,7 @@ def _train(training: Training, after_step: Callable[[int], None] | None) -> dict
         progress.close()
         # An interrupted window's gradients are discarded: the checkpoint holds the state after the
         # last completed step, with the random states as they were then.
-        training.optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         save(completed, rng_after_completed)
         if not world.is_main:
             raise RankFailed(f"rank {world.rank}: interrupted") from None
@@ -227,7 +233,8 @@ def _train(training: Training, after_step: Callable[[int], None] | None) -> dict
         return None
     save_adapter(model, out, training.lora)
     plot_losses(history, out / "training_loss.png")
-    summary = summarize(model, history, earlier_s + time.time() - training.started, peak_memory_bytes(device), training.dropped,
+    wall_s = earlier_s + time.time() - training.started
+    summary = summarize(model, history, wall_s, peak_memory_bytes(device), training.dropped,
                         {"epochs": config.epochs, "max_length": config.max_length, "qlora": config.qlora,
                          "processes": world.size, "compute_dtype": hardware.dtype_name(dtype),
                          "warmup_steps": training.warmup})  # as applied: --warmup-steps capped at 5% of the run

@@ -12,7 +12,9 @@ from lora import output_head
 # The 262k-wide logits are computed this many rows at a time, never all at once.
 LOSS_CHUNK_ROWS = 256
 # 1 - p below this counts as this (the log and the gradient stay finite), as in Welleck et al.
-UNLIKELIHOOD_FLOOR = 1e-5
+# 1 - p below this counts as this, so a log of it stays finite (Welleck et al.'s clamp); the unlikelihood
+# and the pseudo-repetition terms share it.
+PROBABILITY_FLOOR = 1e-5
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -163,13 +165,13 @@ def _unlikelihood(exp_logits: torch.Tensor, sums: torch.Tensor, negatives: torch
     """For the negative ids [K, n] (-1: none) of a chunk whose softmax is exp_logits / sums: (ids, the
     gradient weights weight x w_c of the class docstring, the weighted loss summed). Only the [K, n]
     probabilities are read, so the caller applies the gradient in its one pass over the chunk.
-    A p_c within UNLIKELIHOOD_FLOOR of 1 adds a constant (-log of the floor) and no gradient, as in
+    A p_c within PROBABILITY_FLOOR of 1 adds a constant (-log of the floor) and no gradient, as in
     Welleck et al.'s clamp."""
     present = negatives >= 0
     ids = negatives.clamp(min=0)
     p = exp_logits.gather(0, ids) / sums * present
-    rest = (1.0 - p).clamp(min=UNLIKELIHOOD_FLOOR)
-    w = torch.where(1.0 - p < UNLIKELIHOOD_FLOOR, 0.0, p / rest) * weight
+    rest = (1.0 - p).clamp(min=PROBABILITY_FLOOR)
+    w = torch.where(1.0 - p < PROBABILITY_FLOOR, 0.0, p / rest) * weight
     return ids, w, -weight * rest.log().sum()
 
 

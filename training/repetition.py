@@ -24,12 +24,10 @@ import random
 import torch
 
 from data.dataset import IGNORE_INDEX, collate
-from training.loss import decoder_hidden, loss_sum_at, target_probabilities
+from training.loss import PROBABILITY_FLOOR, decoder_hidden, loss_sum_at, target_probabilities
 
 LAMBDA = 0.5  # each copy's target probability, relative to the copy before (the paper's)
 MAX_BLOCK_LINES = 3
-# 1 - |p - LAMBDA p'| below this counts as this, so the log stays finite (as in unlikelihood training).
-FLOOR = 1e-5
 
 
 def newline_token_ids(tokenizer) -> frozenset[int]:
@@ -106,8 +104,8 @@ def repetition_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) 
     later = copies & (position >= first + batch["penalized_from"].to(targets.device)[:, None])
     earlier_p = p.gather(1, (position - block).clamp(min=0))
     gap = torch.where(later, p - LAMBDA * earlier_p, 0.0)
-    rest = (1.0 - gap.abs()).clamp(min=FLOOR)
-    weights = torch.where(later & (1.0 - gap.abs() >= FLOOR), -gap.sign() * p / rest, 0.0)
+    rest = (1.0 - gap.abs()).clamp(min=PROBABILITY_FLOOR)
+    weights = torch.where(later & (1.0 - gap.abs() >= PROBABILITY_FLOOR), -gap.sign() * p / rest, 0.0)
     value = -rest[later].log().sum()
     surrogate = loss_sum_at(model, hidden, targets, later, weights=weights)
     return surrogate - surrogate.detach() + value, int(later.sum())
