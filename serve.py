@@ -11,311 +11,31 @@ max_tokens, temperature, top_p, stop, seed, stream with server-sent events), GET
 Decoding is greedy unless temperature > 0, and max_tokens defaults to 512, as in generate.py (not
 OpenAI's defaults). A chat answer's message also carries `code`, the Python extracted from it.
 
-Requests that arrive together are generated together, per model (batcher.py). Each adapter gets its own
+Requests that arrive together are generated together, per model (serving/batcher.py). Each adapter gets its own
 copy of the base model (a QLoRA one on its NF4 base), so serving n adapters takes n + 1 models' memory.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import copy
-import json
 import signal
-import socket
 import sys
-import time
-import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
-
-import models
-from batcher import BatchScheduler, Job, QueueFull
-from chat_format import conversation, extract_code
-from generate import Completion, GenerationSettings, Generator
+from common.files import OUTPUTS
+from common.options import COUNT, DEVICE, ranged
+from gemma.loading import ModelLoadError, add_model_option
 from lora import AdapterError, read_adapter_config
-from options import COUNT, DEVICE, add_model_option, ranged
-
-BASE = "base"
-DEFAULT_MAX_TOKENS = GenerationSettings.max_new_tokens
-
-# ---------------------------------------------------------------------------------------------
-# Requests (anything OpenAI's clients send that we do not use is ignored)
-
-
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int = 0
-    n: int = Field(1, ge=1, le=1)
-    stream: bool = False
-
-    def stop_strings(self) -> tuple[str, ...]:
-        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        if len(stops) > 4 or not all(stops):
-            raise BadRequest("stop: at most 4 non-empty strings")
-        return tuple(stops)
-
-    def token_limit(self) -> int | None:
-        return self.max_tokens
-
-
-class CompletionRequest(_Request):
-    prompt: str | list[str]
-
-    def prompts(self) -> list[str]:
-        if not self.prompt:
-            raise BadRequest("prompt: give a string or a non-empty list of strings")
-        return [self.prompt] if isinstance(self.prompt, str) else self.prompt
-
-
-class ContentPart(BaseModel):
-    type: Literal["text"]
-    text: str
-
-
-class Message(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart]
-
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
-
-
-class ChatRequest(_Request):
-    messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-
-    def token_limit(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
-
-
-class BadRequest(ValueError):
-    """A request the server cannot answer; the message is one line for the client."""
-
-    def __init__(self, message: str, status: int = 400, kind: str = "invalid_request_error", code: str | None = None):
-        super().__init__(message)
-        self.status, self.kind, self.code = status, kind, code
-
-
-def error_response(message: str, status: int, kind: str = "invalid_request_error", code: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status_code=status)
-
-
-# ---------------------------------------------------------------------------------------------
-# The application
-
-
-class Server:
-    """The models, the batch scheduler and a tokenizer of the server's own for counting prompt tokens
-    (the worker thread's one is busy generating)."""
-
-    def __init__(self, scheduler: BatchScheduler):
-        self.scheduler = scheduler
-        any_generator = next(iter(scheduler.generators.values()))
-        self.tokenizer = copy.deepcopy(any_generator.tokenizer)
-        self.context = any_generator.model.config.get_text_config().max_position_embeddings
-
-    def plan(self, request: _Request, prompts: list[str]) -> tuple[GenerationSettings, int]:
-        """Check a request against the models and their context; its generation settings and the
-        prompts' tokens in all. Without max_tokens an answer may take 512 tokens, or what the context has left."""
-        if request.model not in self.scheduler.generators:
-            raise BadRequest(f"model {request.model!r} does not exist; this server has "
-                             f"{', '.join(self.scheduler.generators)}", 404, code="model_not_found")
-        request.stop_strings()
-        counts = [len(self.tokenizer(prompt).input_ids) for prompt in prompts]
-        room = self.context - max(counts)
-        limit = request.token_limit() or min(DEFAULT_MAX_TOKENS, room)
-        if limit > room or room < 1:
-            raise BadRequest(f"the prompt is {max(counts)} tokens; with max_tokens {limit} that passes the model's "
-                             f"context of {self.context} tokens")
-        settings = GenerationSettings(max_new_tokens=limit, temperature=request.temperature, top_p=request.top_p,
-                                      seed=request.seed)
-        return settings, sum(counts)
-
-    async def run(self, request: _Request, prompts: list[str], settings: GenerationSettings,
-                  stream: bool) -> list[Completion] | AsyncIterator:
-        """Queue one job per prompt; the completions, or (stream) an iterator of (index, text | Completion)."""
-        stop = request.stop_strings()
-        loop = asyncio.get_running_loop()
-        if stream:
-            events: asyncio.Queue = asyncio.Queue()
-            jobs = [Job(request.model, prompt, settings, stop,
-                        on_done=_threadsafe(loop, lambda result, i=index: events.put_nowait((i, result))),
-                        on_text=_threadsafe(loop, lambda text, i=index: events.put_nowait((i, text))))
-                    for index, prompt in enumerate(prompts)]
-        else:
-            futures = [loop.create_future() for _ in prompts]
-            jobs = [Job(request.model, prompt, settings, stop, on_done=_threadsafe(loop, _resolver(future)))
-                    for prompt, future in zip(prompts, futures)]
-        try:
-            self.scheduler.submit(jobs)
-        except QueueFull as error:
-            raise BadRequest(str(error), 429, "rate_limit_error") from None
-        if not stream:
-            return list(await asyncio.gather(*futures))
-        return _events(events, jobs)
-
-
-def _threadsafe(loop: asyncio.AbstractEventLoop, callback):
-    """`callback` as the worker thread may call it: run on the server's event loop, if still open."""
-    def call(value) -> None:
-        if not loop.is_closed():
-            loop.call_soon_threadsafe(callback, value)
-    return call
-
-
-def _resolver(future: asyncio.Future):
-    def resolve(result: Completion | BaseException) -> None:
-        if future.done():
-            return
-        if isinstance(result, BaseException):
-            future.set_exception(result)
-        else:
-            future.set_result(result)
-    return resolve
-
-
-async def _events(events: asyncio.Queue, jobs: list[Job]) -> AsyncIterator:
-    """(index, text piece) as they come, then (index, Completion) per job; cancels the jobs if the
-    consumer stops early (the client disconnected)."""
-    remaining = len(jobs)
-    try:
-        while remaining:
-            index, item = await events.get()
-            if isinstance(item, BaseException):
-                raise item
-            remaining -= isinstance(item, Completion)
-            yield index, item
-    finally:
-        for job in jobs:
-            job.cancelled = True
-
-
-def create_app(server: Server) -> FastAPI:
-    app = FastAPI(title="gemma-code-lora", description="OpenAI-compatible completions from Gemma + LoRA adapters")
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
-        first = error.errors()[0]
-        if first.get("type") == "json_invalid":
-            return error_response("the request body is not valid JSON", 400)
-        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
-        return error_response(f"{where}: {first.get('msg')}" if where else str(first.get("msg")), 400)
-
-    @app.exception_handler(BadRequest)
-    async def bad_request(_: Request, error: BadRequest) -> JSONResponse:
-        return error_response(str(error), error.status, error.kind, error.code)
-
-    @app.exception_handler(Exception)
-    async def server_error(_: Request, error: Exception) -> JSONResponse:
-        return error_response(f"generation failed: {type(error).__name__}: {error}", 500, "server_error")
-
-    @app.get("/health")
-    async def health() -> dict:
-        stats = server.scheduler.stats
-        return {"status": "ok", "models": list(server.scheduler.generators), "queued": server.scheduler.queued(),
-                "batches": stats.batches, "requests": stats.jobs, "largest_batch": stats.largest_batch,
-                "new_tokens": stats.new_tokens, "cancelled": stats.cancelled}
-
-    @app.get("/v1/models")
-    async def list_models() -> dict:
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "gemma-code-lora"}
-                                           for name in server.scheduler.generators]}
-
-    @app.post("/v1/completions")
-    async def completions(request: CompletionRequest):
-        return await _answer(server, request, request.prompts(), chat=False)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: ChatRequest):
-        try:
-            prompt = conversation([(message.role, message.text()) for message in request.messages])
-        except ValueError as error:
-            raise BadRequest(f"messages: {error}") from None
-        return await _answer(server, request, [prompt], chat=True)
-
-    return app
-
-
-async def _answer(server: Server, request: _Request, prompts: list[str], chat: bool):
-    settings, prompt_tokens = server.plan(request, prompts)
-    max_tokens = settings.max_new_tokens
-    head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
-            "model": request.model}
-    if request.stream:
-        events = await server.run(request, prompts, settings, stream=True)
-        return StreamingResponse(_sse(events, head, max_tokens, chat), media_type="text/event-stream")
-    results = await server.run(request, prompts, settings, stream=False)
-    choices = [_choice(index, completion, max_tokens, chat) for index, completion in enumerate(results)]
-    completion_tokens = sum(completion.new_tokens for completion in results)
-    return {**head, "object": "chat.completion" if chat else "text_completion", "choices": choices,
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens}}
-
-
-def _finish_reason(completion: Completion, max_tokens: int) -> str:
-    return "length" if completion.new_tokens >= max_tokens else "stop"
-
-
-def _choice(index: int, completion: Completion, max_tokens: int, chat: bool) -> dict:
-    reason = _finish_reason(completion, max_tokens)
-    if chat:
-        message = {"role": "assistant", "content": completion.text, "code": extract_code(completion.text)}
-        return {"index": index, "message": message, "finish_reason": reason}
-    return {"index": index, "text": completion.text, "logprobs": None, "finish_reason": reason}
-
-
-async def _sse(events: AsyncIterator, head: dict, max_tokens: int, chat: bool) -> AsyncIterator[str]:
-    """Server-sent events in OpenAI's chunk shapes, then `data: [DONE]`."""
-    kind = "chat.completion.chunk" if chat else "text_completion"
-    started: set[int] = set()
-    try:
-        async for index, item in events:
-            finished = isinstance(item, Completion)
-            if chat:
-                delta = {} if finished else {"content": item}
-                if index not in started:
-                    delta = {"role": "assistant", **delta}
-                    started.add(index)
-                choice = {"index": index, "delta": delta}
-            else:
-                choice = {"index": index, "text": "" if finished else item, "logprobs": None}
-            choice["finish_reason"] = _finish_reason(item, max_tokens) if finished else None
-            yield f"data: {json.dumps({**head, 'object': kind, 'choices': [choice]})}\n\n"
-    except Exception as error:  # noqa: BLE001  (the status line is sent: the error goes in the stream)
-        body = {"error": {"message": f"generation failed: {type(error).__name__}: {error}", "type": "server_error"}}
-        yield f"data: {json.dumps(body)}\n\n"
-    finally:
-        await events.aclose()  # a client gone mid-stream: its rows end at the next step
-    yield "data: [DONE]\n\n"
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-
-
-def load_generators(model: str, adapters: dict[str, Path], device: str | None) -> dict[str, Generator]:
-    generators = {BASE: Generator.load(model, device=device)}
-    for name, folder in adapters.items():
-        generators[name] = Generator.load(model, str(folder), device)
-    return generators
+from lora.adapter import adapter_folders
+from serving.app import BASE, Server, create_app, http_server, listen, load_generators
+from serving.batcher import BatchScheduler
 
 
 def parse_adapters(specs: Sequence[str] | None, outputs: Path) -> dict[str, Path]:
     """NAME=DIR pairs (a bare DIR is named after its folder); none given: every adapter under outputs/."""
     if specs is None:
-        return {config.parent.name: config.parent for config in sorted(outputs.glob("*/adapter_config.json"))}
+        return {folder.name: folder for folder in adapter_folders(outputs)}
     adapters: dict[str, Path] = {}
     for spec in specs:
         name, _, folder = spec.rpartition("=") if "=" in spec else (Path(spec).name, "", spec)
@@ -323,21 +43,6 @@ def parse_adapters(specs: Sequence[str] | None, outputs: Path) -> dict[str, Path
             raise AdapterError(f"--adapter {spec!r}: each adapter needs its own name, other than {BASE!r}")
         adapters[name] = Path(folder)
     return adapters
-
-
-def listen(host: str, port: int) -> socket.socket:
-    """The listening socket, opened before the models load, so a port in use costs nothing."""
-    try:
-        return socket.create_server((host, port))
-    except OSError as error:
-        raise OSError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
-
-
-def http_server(app: FastAPI, log_level: str = "info"):
-    """uvicorn's server for the app; `.run(sockets=[sock])` serves until Ctrl-C (or `.should_exit`)."""
-    import uvicorn
-
-    return uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -348,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             read_adapter_config(folder)  # a bad adapter fails before the port is taken and any model loads
         sock = listen(args.host, args.port)
         scheduler = BatchScheduler(load_generators(args.model, adapters, args.device), args.max_batch, args.max_queue)
-    except (models.ModelLoadError, AdapterError, OSError) as error:
+    except (ModelLoadError, AdapterError, OSError) as error:
         print(f"serve.py: error: {error}", file=sys.stderr)
         return 2
     scheduler.start()
@@ -373,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--adapter", action="append", metavar="NAME=DIR",
                         help="serve this adapter as model NAME (repeatable; default: every adapter under --outputs, "
                              "named after its folder)")
-    parser.add_argument("--outputs", default="outputs", help="where adapters are found by default (default: %(default)s)")
+    parser.add_argument("--outputs", default=str(OUTPUTS), help="where adapters are found by default (default: %(default)s)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=ranged(int, 0, 65535), default=8000,
                         help="port (default: %(default)s; 0 picks a free one)")

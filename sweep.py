@@ -31,12 +31,16 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import models
-import paired_tests
-import train
-from files import FileError, check_writable, first_line
-from options import COUNT, DEVICE, add_model_option
-from training_log import TRAINING_CONFIG_NAME, plot_training_curves, read_metrics, read_summary
+from common import hardware
+from common.files import OUTPUTS, FileError, check_writable, first_line
+from common.options import COUNT, DEVICE
+from evaluation import paired_tests
+from gemma import loading
+from gemma.loading import add_model_option
+from lora.adapter import TRAINING_CONFIG_NAME
+from training.arguments import parse_args
+from training.config import resolve_defaults
+from training.run_log import plot_training_curves, read_metrics, read_summary
 
 HERE = Path(__file__).resolve().parent
 # Settings that say where or how a run was started, not what it trained.
@@ -64,8 +68,8 @@ class SweepError(RuntimeError):
 
 def recipe(run: Run, model: str, dataset: str, device: str | None, outputs: Path) -> dict:
     """The settings train.py will record for this run, without where it was run."""
-    config = train.parse_args(["--model", model, "--dataset", dataset, *run.train_arguments(outputs)])
-    resolved = train.resolve_defaults(config, models.pick_device(device))
+    config = parse_args(["--model", model, "--dataset", dataset, *run.train_arguments(outputs)])
+    resolved = resolve_defaults(config, hardware.pick_device(device))
     return {key: value for key, value in dataclasses.asdict(resolved).items() if key not in NOT_RECIPE}
 
 
@@ -141,7 +145,7 @@ def _parser() -> argparse.ArgumentParser:
     add_model_option(parser)
     parser.add_argument("--dataset", default="default",
                         help="training data (and its held-out split for the evaluation); default: the embedded corpus")
-    parser.add_argument("--outputs", default="outputs",
+    parser.add_argument("--outputs", default=str(OUTPUTS),
                         help="where the runs' folders, the evaluation and the comparison go (default: %(default)s)")
     parser.add_argument("--device", type=DEVICE, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--limit", type=COUNT, help="evaluate only the first N held-out rows and N HumanEval problems "
@@ -158,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         train_runs(args, outputs)
         evaluate_runs(args, outputs)
         report(outputs, args.limit)
-    except (SweepError, FileError, models.ModelLoadError, OSError) as error:
+    except (SweepError, FileError, loading.ModelLoadError, OSError) as error:
         print(f"sweep.py: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

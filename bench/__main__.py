@@ -27,15 +27,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import models
-import train
-from data.dataset import DataError, load_rows
-from files import FileError, check_writable
-from options import COUNT, DEVICE, NON_NEGATIVE_INT
 from bench.measure import machine_description, measure_matmul, why_float32
 from bench.profile import bound_lines, largest_other_lines, profile_table
 from bench.report import LABELS, MatmulRate, Summary, generation_summary, generation_table, target_lines, training_table
 from bench.training import DEFAULT_VARIANTS, RANDOM_GEMMA2_2B, VARIANTS, BenchSettings, random_model_dir
+from common import hardware
+from common.files import FileError, check_writable
+from common.options import COUNT, DEVICE, NON_NEGATIVE_INT
+from data.dataset import DataError, load_rows
+from gemma import loading
+from training.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDY_A100_REFERENCE = ("The study, for comparison (Gemma-2-2B, A100 40GB, fp16, its real rows of up to 768 tokens): "
@@ -56,7 +57,7 @@ def run_worker(module: str, arguments: list[str]) -> dict:
         return json.loads(result.read_text())
 
 
-def hyperparameters(config: train.TrainConfig, dtype: str) -> str:
+def hyperparameters(config: TrainConfig, dtype: str) -> str:
     """The settings every variant shares (train.py's defaults resolved for this model and device), and
     the dtype they compute in."""
     return (f"LoRA r={config.rank}, alpha {config.alpha or 2 * config.rank:g}, dropout {config.dropout} on "
@@ -197,16 +198,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              f"kind of work; default variants {','.join(PROFILED_VARIANTS)}, no generation")
     args = parser.parse_args(argv)
     if args.variants is None:
-        args.variants = ",".join(PROFILED_VARIANTS if args.profile else DEFAULT_VARIANTS[models.pick_device(args.device).type])
+        args.variants = ",".join(PROFILED_VARIANTS if args.profile else DEFAULT_VARIANTS[hardware.pick_device(args.device).type])
     unknown = set(args.variants.split(",")) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variant(s) {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
     try:  # a bad output path, model or dataset is refused here, before any slow work and not in every worker
         check_writable(args.output)
         if args.model != RANDOM_GEMMA2_2B:
-            models.resolve_model_path(args.model)
+            loading.resolve_model_path(args.model)
             load_rows(args.dataset)
-    except (FileError, models.ModelLoadError, DataError) as error:
+    except (FileError, loading.ModelLoadError, DataError) as error:
         parser.error(str(error))
     return args
 
@@ -214,11 +215,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.time()
-    device = models.pick_device(args.device)
+    device = hardware.pick_device(args.device)
     settings = BenchSettings(model=args.model, dataset=args.dataset, device=str(device), steps=args.steps,
                              warmup_steps=args.warmup_steps, max_length=args.max_length, profile=args.profile)
     matmul_size = 8192 if device.type == "cuda" else 2048  # 2048 is already past the CPU's plateau
-    matmul = measure_matmul(device, matmul_size, models.pick_compute_dtype(device))
+    matmul = measure_matmul(device, matmul_size, hardware.pick_compute_dtype(device))
     machine = machine_description(device)
     float32_cpu = device.type == "cpu" and matmul.dtype == "float32"  # a CPU without native bf16
     if float32_cpu:

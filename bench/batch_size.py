@@ -18,8 +18,9 @@ from functools import partial
 from pathlib import Path
 
 from bench.generation import check_result_path, held_out_prompts, load_generator, timed_completions
-from generate import GenerationSettings, Generator
-from options import COUNT, COUNTS, DEVICE, add_model_option
+from common.options import COUNT, COUNTS, DEVICE
+from gemma.generation import GenerationSettings, Generator
+from gemma.loading import add_model_option
 
 
 def measure_batch_sizes(generator: Generator, prompts: list[str], batch_sizes: list[int],

@@ -1,4 +1,4 @@
-"""Greedy generation: our batched generate.Generator against Hugging Face `generate` called one
+"""Greedy generation: our batched generation.Generator against Hugging Face `generate` called one
 prompt at a time (how the study generated: 9.3 s per sample on an A100), on the same model and
 held-out prompts, with the same stop tokens and new-token limit.
 
@@ -17,12 +17,12 @@ from transformers import GenerationConfig
 
 from bench.measure import synchronize
 from bench.training import BenchSettings
-from chat_format import user_turn
+from common.files import FileError, check_writable
 from data.dataset import load_rows, split_rows
-from files import FileError, check_writable
-from generate import GenerationSettings, Generator
+from gemma.chat_format import user_turn
+from gemma.generation import GenerationSettings, Generator
+from gemma.loading import ModelLoadError
 from lora import AdapterError
-from models import ModelLoadError
 
 
 def held_out_instructions(dataset: str, count: int) -> list[tuple[str, str]]:

@@ -3,14 +3,14 @@
     python -m bench.head_layout [--model embedded] [--rows 16,64,256] [--generation-rounds 2]
 
 Row-major, `hidden @ weight.T` ([rows, vocabulary]), is what `nn.Linear` computes; vocabulary-major,
-`weight @ hidden.T` ([vocabulary, rows]), is what the training loss (loss.py) computes, and the
-generator's head on the CPU (generate.VocabularyMajorHead). The same products, so only the speed may
+`weight @ hidden.T` ([vocabulary, rows]), is what the training loss (training/loss.py) computes, and the
+generator's head on the CPU (generation.VocabularyMajorHead). The same products, so only the speed may
 differ; it does by BLAS library, dtype, machine and workload, which is why this measures it. First the
 bare products with the model's own head weight in the compute dtype, at the rows a decoding step
 multiplies (one per answer in a batch: 16, 64) and a loss chunk (256); then greedy generation on
 held-out prompts with each head in turn, alternating (`--generation-rounds` pairs): seconds, generated
 tokens/s and how many answers are identical. Full batches by default, unlike make eval's shrinking ones
-(README "Speed and memory"): --max-new-tokens and --prompts bring it closer.
+(docs/benchmarks.md): --max-new-tokens and --prompts bring it closer.
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ from pathlib import Path
 
 import torch
 
-import models
 from bench.generation import check_result_path, held_out_prompts, load_generator, timed, timed_completions
 from bench.measure import machine_description
-from generate import GenerationSettings, Generator, RowMajorHead, VocabularyMajorHead
-from options import COUNT, COUNTS, DEVICE, NON_NEGATIVE_INT, add_model_option
+from common import hardware
+from common.options import COUNT, COUNTS, DEVICE, NON_NEGATIVE_INT
+from gemma.generation import GenerationSettings, Generator, RowMajorHead, VocabularyMajorHead
+from gemma.loading import add_model_option
 
 
 def median_seconds(device: torch.device, work, repeats: int) -> float:
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     check_result_path(parser, args.result)
     generator = load_generator(parser, args)
     weight = generator.model.get_output_embeddings().weight
-    print(f"{machine_description(weight.device)}; {models.describe_compute(weight.device, weight.dtype)}; "
+    print(f"{machine_description(weight.device)}; {hardware.describe_compute(weight.device, weight.dtype)}; "
           f"head {tuple(weight.shape)}", flush=True)
     results = {"products": measure_products(weight.detach(), args.rows, args.repeats)}
     if args.generation_rounds:

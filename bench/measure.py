@@ -10,10 +10,10 @@ from collections.abc import Sequence
 
 import torch
 
-import models
 from bench.profile import start_profiler, stop_profiler
 from bench.report import MatmulRate
-from training_log import peak_memory_bytes
+from common import hardware
+from training.run_log import peak_memory_bytes
 
 
 def synchronize(device: torch.device) -> None:
@@ -63,7 +63,7 @@ class TrainingMeter:
 # ---------------------------------------------------------------------------------- memory
 
 def reset_peak_memory(device: torch.device) -> None:
-    """Start a new peak for training_log.peak_memory_bytes, so loading the model (ours loads float32 before quantizing for QLoRA) is
+    """Start a new peak for peak_memory_bytes, so loading the model (ours loads float32 before quantizing for QLoRA) is
     told apart from training. On Linux, writing 5 to clear_refs resets the RSS high-water mark that
     ru_maxrss reports; where that is not allowed the peak simply stays the whole-process one."""
     if device.type == "cuda":
@@ -120,7 +120,7 @@ def measure_matmul(device: torch.device, size: int, dtype: torch.dtype, seconds:
         repeats += 4
         synchronize(device)
     flops_per_s = 2 * size**3 * repeats / (time.perf_counter() - started)
-    return MatmulRate(flops_per_s, size, models.dtype_name(dtype))
+    return MatmulRate(flops_per_s, size, hardware.dtype_name(dtype))
 
 
 # ---------------------------------------------------------------------------------- FLOP model

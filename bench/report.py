@@ -126,7 +126,7 @@ def _fastest(summaries: list[Summary]) -> Summary | None:
 
 
 def generation_table(result: dict) -> str:
-    rows = [("ours: generate.Generator, batches of " + str(result["batch_size"]), "batched"),
+    rows = [("ours: generation.Generator, batches of " + str(result["batch_size"]), "batched"),
             ("Hugging Face `generate`, one prompt at a time", "single")]
     lines = ["| generation | new tokens | seconds | new tokens/s | s / prompt |", "|---|---:|---:|---:|---:|"]
     for label, key in rows:

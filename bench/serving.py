@@ -18,11 +18,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import serve
-from batcher import BatchScheduler
 from bench.generation import held_out_instructions, load_generator
-from generate import Generator
-from options import COUNT, COUNTS, DEVICE, add_model_option
+from common.options import COUNT, COUNTS, DEVICE
+from gemma.generation import Generator
+from gemma.loading import add_model_option
+from serving import app
+from serving.batcher import BatchScheduler
 
 
 def run_clients(port: int, model: str, instructions: list[str], clients: int, per_client: int,
@@ -58,8 +59,8 @@ def measure(generators: dict[str, Generator], model: str, instructions: list[str
             per_client: int, max_tokens: int, max_batch: int) -> list[dict]:
     scheduler = BatchScheduler(generators, max_batch=max_batch, max_queued=1024)
     scheduler.start()
-    sock = serve.listen("127.0.0.1", 0)
-    server = serve.http_server(serve.create_app(serve.Server(scheduler)), log_level="warning")
+    sock = app.listen("127.0.0.1", 0)
+    server = app.http_server(app.create_app(app.Server(scheduler)), log_level="warning")
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", type=DEVICE)
     parser.add_argument("--result", help="JSON file for the measurements")
     args = parser.parse_args(argv)
-    name = Path(args.adapter).name if args.adapter else serve.BASE
+    name = Path(args.adapter).name if args.adapter else app.BASE
     generators = {name: load_generator(parser, args)}
     instructions = [f"{instruction}\n{input}" if input else instruction
                     for instruction, input in held_out_instructions(args.dataset, 64)]

@@ -2,7 +2,7 @@
 peak memory), on the same micro-batches in the same order:
 
     lora        our loop (train.py's prepare_model and optimizer_step), LoRA on a base in our compute dtype
-    qlora       the same on our NF4 base (train.prepare_model with qlora=True)
+    qlora       the same on our NF4 base (prepare_model with qlora=True)
     peft-lora   PEFT LoRA + Hugging Face Trainer, the model loaded in our compute dtype (bf16=True with bf16)
     peft-qlora  PEFT LoRA + Trainer on a bitsandbytes 4-bit base (NF4, double quantization, our
                 compute), prepared with peft.prepare_model_for_kbit_training as the study did (which
@@ -13,7 +13,7 @@ PEFT: TrainingArguments(torch_compile=True), the switch a Trainer user would fli
 (ours: train.py --gradient-checkpointing) or `+nodrop` (ours and PEFT: LoRA dropout 0, what the
 dropout's random masks cost).
 
-All use train.TrainConfig's defaults, resolved for the model and device as train.py resolves them
+All use TrainConfig's defaults, resolved for the model and device as train.py resolves them
 (LoRA r=16, alpha 32, dropout 0.05 on q/k/v/o, batch 4 x accumulation 4, weight decay 0.01, clip 1.0;
 lr 1e-3 for the embedded defaults on a CPU, else the study's 2.5e-4). The learning rate is held
 constant (no warmup or decay) in every variant, so the schedules cannot differ.
@@ -32,12 +32,16 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
-import models
-import train
-import train_step
 from bench.measure import TrainingMeter, useful_step_flops
+from common import hardware
 from data.dataset import collate, encode_rows, load_rows, split_rows
-from loss import count_supervised
+from gemma import loading
+from training import loop
+from training.config import STUDY, TrainConfig, resolve_defaults
+from training.loss import count_supervised
+from training.optimizer import make_optimizer
+from training.setup import prepare_model
+from training.step import optimizer_step
 
 VARIANTS = ("lora", "qlora", "peft-lora", "peft-qlora", "lora+compile", "qlora+compile", "peft-lora+compile",
             "lora+ckpt", "qlora+ckpt", "lora+nodrop", "peft-lora+nodrop")
@@ -48,7 +52,7 @@ DEFAULT_VARIANTS = {"cpu": ("lora", "qlora", "peft-lora", "peft-qlora", "lora+co
                     "cuda": VARIANTS}
 # Random weights with Gemma-2-2B's exact shapes, for GPU runs (no download, no tokenizer needed).
 RANDOM_GEMMA2_2B = "random-gemma-2-2b"
-RANDOM_MODEL_LENGTH = train.STUDY.max_length  # random-model rows are exactly the study's max length
+RANDOM_MODEL_LENGTH = STUDY.max_length  # random-model rows are exactly the study's max length
 RANDOM_MODEL_PROMPT_FRACTION = 0.25  # the first quarter of each random row is "prompt", unlabelled
 
 Example = dict[str, list[int]]
@@ -57,7 +61,7 @@ Window = list[list[Example]]  # one optimizer step: its micro-batches, each a li
 
 @dataclass(frozen=True)
 class BenchSettings:
-    model: str = models.EMBEDDED_MODEL
+    model: str = loading.EMBEDDED_MODEL
     dataset: str = "default"
     device: str = "cpu"
     steps: int = 3
@@ -65,23 +69,23 @@ class BenchSettings:
     max_length: int | None = None  # None: train.py's default for this model and device
     profile: bool = False  # torch.profiler over the timed steps (bench/profile.py); slows them down
 
-    def train_config(self, variant: str) -> train.TrainConfig:
+    def train_config(self, variant: str) -> TrainConfig:
         """train.py's config with its (the study's) hyper-parameters for this variant, resolved for this
         device; compile, checkpointing and dropout 0 only where the variant names them."""
         model, max_length = self.model, self.max_length
         if model == RANDOM_GEMMA2_2B:
             model, max_length = str(random_model_dir()), max_length or RANDOM_MODEL_LENGTH
         base, _, option = variant.partition("+")
-        config = train.TrainConfig(model=model, dataset=self.dataset, qlora=base.endswith("qlora"), device=self.device,
+        config = TrainConfig(model=model, dataset=self.dataset, qlora=base.endswith("qlora"), device=self.device,
                                    max_length=max_length, compile=option == "compile",
                                    gradient_checkpointing=option == "ckpt",
-                                   dropout=0.0 if option == "nodrop" else train.TrainConfig.dropout)
-        return train.resolve_defaults(config, torch.device(self.device))
+                                   dropout=0.0 if option == "nodrop" else TrainConfig.dropout)
+        return resolve_defaults(config, torch.device(self.device))
 
 
 # ---------------------------------------------------------------------------------- the data
 
-def training_windows(settings: BenchSettings, config: train.TrainConfig,
+def training_windows(settings: BenchSettings, config: TrainConfig,
                      ) -> tuple[list[Window], int, PreTrainedTokenizerBase | None]:
     """The first warmup + timed optimizer steps of train.py's own schedule (same rows, same grouping),
     with the pad id and the tokenizer (None for the random model, whose rows are random ids).
@@ -94,10 +98,10 @@ def training_windows(settings: BenchSettings, config: train.TrainConfig,
         micro_batches = [list(range(i, i + config.batch_size)) for i in range(0, len(examples), config.batch_size)]
         tokenizer, pad_id = None, 0
     else:
-        tokenizer = models.load_tokenizer(config.model)
+        tokenizer = loading.load_tokenizer(config.model)
         train_rows, _ = split_rows(load_rows(config.dataset))
         examples, _ = encode_rows(tokenizer, train_rows, config.max_length)
-        micro_batches = train.schedule_micro_batches([len(e["input_ids"]) for e in examples], config)
+        micro_batches = loop.schedule_micro_batches([len(e["input_ids"]) for e in examples], config)
         pad_id = tokenizer.pad_token_id
     windows = [micro_batches[start:start + config.grad_accum] for start in range(0, len(micro_batches), config.grad_accum)]
     full = [window for window in windows
@@ -107,7 +111,7 @@ def training_windows(settings: BenchSettings, config: train.TrainConfig,
     return [[[examples[i] for i in micro] for micro in window] for window in full[:total]], pad_id, tokenizer
 
 
-def random_examples(count: int, config: train.TrainConfig) -> list[Example]:
+def random_examples(count: int, config: TrainConfig) -> list[Example]:
     vocab = AutoConfig.from_pretrained(config.model).vocab_size
     generator = torch.Generator().manual_seed(config.seed)
     ids = torch.randint(3, vocab, (count, config.max_length), generator=generator)  # 0-2: pad, eos, bos
@@ -118,7 +122,7 @@ def random_examples(count: int, config: train.TrainConfig) -> list[Example]:
 
 def random_model_dir() -> Path:
     """A bf16 model folder with Gemma-2-2B's shapes and random weights, written once to the cache."""
-    target = models.CACHE_DIR / RANDOM_GEMMA2_2B
+    target = loading.CACHE_DIR / RANDOM_GEMMA2_2B
     if (target / "config.json").exists():
         return target
     from transformers import Gemma2Config, Gemma2ForCausalLM
@@ -143,39 +147,39 @@ def random_model_dir() -> Path:
 
 # ---------------------------------------------------------------------------------- the variants
 
-def run_ours(windows: list[Window], pad_id: int, config: train.TrainConfig, meter: TrainingMeter) -> list[float]:
-    """train.run's optimizer step (train_step.optimizer_step), without its evaluation and checkpoints;
+def run_ours(windows: list[Window], pad_id: int, config: TrainConfig, meter: TrainingMeter) -> list[float]:
+    """loop.run's optimizer step (optimizer_step), without its evaluation and checkpoints;
     returns each step's loss."""
     device = meter.device
-    dtype = models.pick_compute_dtype(device)
+    dtype = hardware.pick_compute_dtype(device)
     torch.manual_seed(config.seed)
-    model = train.prepare_model(config, device, dtype)
+    model = prepare_model(config, config.lora_config(), device, dtype)
     model.train()
-    parameters, optimizer, scaler = train_step.make_optimizer(model, config, device, dtype)
+    parameters, optimizer, scaler = make_optimizer(model, config, device, dtype)
     losses = []
     meter.start()
     for window in windows:
         batches = [collate(micro, pad_id) for micro in window]
-        loss, *_ = train_step.optimizer_step(model, parameters, optimizer, scaler, batches, device, dtype,
+        loss, *_ = optimizer_step(model, parameters, optimizer, scaler, batches, device, dtype,
                                           config.grad_clip)
         meter.tick()
         losses.append(loss)
     return losses
 
 
-def run_peft(windows: list[Window], tokenizer: PreTrainedTokenizerBase | None, config: train.TrainConfig,
+def run_peft(windows: list[Window], tokenizer: PreTrainedTokenizerBase | None, config: TrainConfig,
              meter: TrainingMeter) -> list[float]:
     """The study's stack: PEFT LoRA trained by transformers.Trainer with its own collator."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, default_data_collator
 
     device = meter.device
-    dtype = models.pick_compute_dtype(device)
+    dtype = hardware.pick_compute_dtype(device)
     torch.manual_seed(config.seed)
     if config.qlora:
         model = prepare_model_for_kbit_training(load_bitsandbytes_4bit(config.model, device, dtype))
     else:
-        model = models.load_model(config.model, device, dtype)  # same weights and attention as ours
+        model = loading.load_model(config.model, device, dtype)  # same weights and attention as ours
     lora = config.lora_config()
     model = get_peft_model(model, LoraConfig(
         r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
@@ -205,11 +209,11 @@ def run_peft(windows: list[Window], tokenizer: PreTrainedTokenizerBase | None, c
     return losses
 
 
-def trainer_arguments(config: train.TrainConfig, steps: int, device: torch.device, scratch: str):
+def trainer_arguments(config: TrainConfig, steps: int, device: torch.device, scratch: str):
     """The Trainer's settings: train.py's hyper-parameters, a constant rate, nothing saved or reported."""
     from transformers import TrainingArguments
 
-    dtype = models.pick_compute_dtype(device)
+    dtype = hardware.pick_compute_dtype(device)
     return TrainingArguments(
         output_dir=scratch, max_steps=steps, per_device_train_batch_size=config.batch_size,
         gradient_accumulation_steps=config.grad_accum, learning_rate=config.lr, lr_scheduler_type="constant",
@@ -225,11 +229,11 @@ def load_bitsandbytes_4bit(name: str, device: torch.device, dtype: torch.dtype):
 
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                       bnb_4bit_compute_dtype=dtype)
-    path = models.resolve_model_path(name)
+    path = loading.resolve_model_path(name)
     config = AutoConfig.from_pretrained(path)
     return AutoModelForCausalLM.from_pretrained(
         path, quantization_config=quantization, dtype=dtype, device_map={"": str(device)},
-        attn_implementation=models.attention_implementation(config.model_type))
+        attn_implementation=loading.attention_implementation(config.model_type))
 
 
 # ---------------------------------------------------------------------------------- one variant
@@ -238,7 +242,7 @@ def measure_variant(variant: str, settings: BenchSettings) -> dict:
     """Train `variant` for warmup + timed steps; per-step figures for the report."""
     config = settings.train_config(variant)
     windows, pad_id, tokenizer = training_windows(settings, config)
-    device = models.pick_device(settings.device)
+    device = hardware.pick_device(settings.device)
     meter = TrainingMeter(device, profile_after=settings.warmup_steps if settings.profile else None)
     if variant.startswith("peft"):
         losses = run_peft(windows, tokenizer, config, meter)
@@ -246,7 +250,7 @@ def measure_variant(variant: str, settings: BenchSettings) -> dict:
         losses = run_ours(windows, pad_id, config, meter)
     profile = {"profile": meter.profiled_operators(), "profiled_steps": settings.steps,
                "profiled_seconds": sum(meter.step_seconds()[settings.warmup_steps:])} if settings.profile else {}
-    model_config = AutoConfig.from_pretrained(models.resolve_model_path(config.model))
+    model_config = AutoConfig.from_pretrained(loading.resolve_model_path(config.model))
     model_config = getattr(model_config, "text_config", model_config)
     rows_per_step = [[e for micro in window for e in micro] for window in windows]
     supervised = [sum(count_supervised(collate(micro, pad_id)) for micro in window) for window in windows]

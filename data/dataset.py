@@ -18,8 +18,8 @@ import datasets
 import torch
 from tqdm.auto import tqdm
 
-from chat_format import END_OF_TURN, user_turn
-from files import first_line
+from common.files import first_line
+from gemma.chat_format import END_OF_TURN, user_turn
 
 DEFAULT_DATASET = Path(__file__).resolve().parent / "python_pairs.parquet"
 IGNORE_INDEX = -100  # label of tokens that carry no loss

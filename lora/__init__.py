@@ -2,14 +2,14 @@
 PEFT's layout, and the exact average of several adapters."""
 
 from .adapter import load_adapter, read_adapter_config, save_adapter, save_adapter_tensors
-from .average import average_adapters
+from .averaging import average_adapters
 from .config import ALL_LINEAR, ATTENTION_MODULES, AdapterError, LoRAConfig, parse_target_modules
-from .export import export_merged, merge_into_plain_linears
 from .inject import (
     count_parameters, inject_lora, lora_layers, lora_parameter_count, mark_only_lora_as_trainable, merge_all,
     trainable_report, unmerge_all,
 )
 from .layer import LoRALinear
+from .merge import export_merged, merge_into_plain_linears
 from .tokens import describe_token_rows, inject_trainable_tokens, merge_token_rows, output_head, token_rows
 
 __all__ = [

@@ -15,16 +15,14 @@ Only safetensors and JSON are read or written: no pickle.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from common.files import atomic_write
 
 from .config import AdapterError, LoRAConfig
 from .inject import inject_lora, lora_layers
@@ -130,33 +128,20 @@ def _adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return parameters
 
 
-def atomic_write(path: Path, write: Callable[[str], object]) -> None:
-    """Call write(temporary path) in path's folder, fsync, then rename over path. The file gets the
-    mode a plain open() would give it (mkstemp's temporary file is private to its owner)."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    try:
-        write(temporary)
-        with open(temporary, "rb+") as written:
-            os.fsync(written.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+# Training writes its settings here, beside the adapter; "qlora": true means it was trained on an NF4 base.
+TRAINING_CONFIG_NAME = "train_config.json"
 
 
-def write_new_folder(directory: Path, write: Callable[[Path], object], what: str) -> None:
-    """Call write(staging folder) beside `directory`, then rename the staging folder to `directory`: the
-    folder appears whole or not at all, and an existing one is never touched."""
-    if directory.exists():
-        raise AdapterError(f"{directory} already exists; choose a new folder for the {what}")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+def trained_on_nf4(directory: str | Path) -> bool:
+    """Whether training this adapter on an NF4 base (then it should meet that base again).
+    Adapters from elsewhere (PEFT) carry no such record and count as trained on a float base."""
+    path = Path(directory) / TRAINING_CONFIG_NAME
     try:
-        write(staging)
-        staging.rename(directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        return bool(json.loads(path.read_text()).get("qlora", False))
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+def adapter_folders(root: Path) -> list[Path]:
+    """The adapter folders directly under `root` (those holding an adapter_config.json), by name."""
+    return sorted(config.parent for config in Path(root).glob(f"*/{CONFIG_NAME}"))

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from common.modules import replace_module
+
 from .config import ALL_LINEAR, EXCLUDED_MODULES, LoRAConfig
 from .layer import LoRALinear
 from .tokens import ROWS_NAME
+
 
 def find_target_names(model: nn.Module, targets: tuple[str, ...] | str) -> list[str]:
     """Full names of the linear layers to adapt, matched on the last part of the module name."""
@@ -36,11 +39,9 @@ def inject_lora(model: nn.Module, config: LoRAConfig = LoRAConfig()) -> list[str
     """
     names = find_target_names(model, config.target_modules)
     for name in names:
-        parent_name, _, child_name = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        layer = LoRALinear(getattr(parent, child_name), config.rank, config.alpha, config.dropout, config.use_rslora)
+        layer = LoRALinear(model.get_submodule(name), config.rank, config.alpha, config.dropout, config.use_rslora)
         # A new module starts in training mode; it must follow the model's (dropout off in eval).
-        setattr(parent, child_name, layer.train(model.training))
+        replace_module(model, name, layer.train(model.training))
     mark_only_lora_as_trainable(model)
     return names
 

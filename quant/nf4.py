@@ -18,6 +18,8 @@ import bitsandbytes.functional as bnb_functional  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from common.modules import replace_module  # noqa: E402
+
 BLOCKSIZE = 64
 
 
@@ -114,9 +116,3 @@ def dequantize_decoder_linears(model: nn.Module, dtype: torch.dtype | None = Non
     for name, module in swapped:
         replace_module(model, name, module.to_linear(dtype))
     return len(swapped)
-
-
-def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Put `module` where the submodule `name` (dotted path) is."""
-    parent_name, _, child_name = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child_name, module)

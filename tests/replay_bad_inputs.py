@@ -303,10 +303,10 @@ def build_cases(tmp: Path) -> list[Case]:
         Case("sweep outputs is a file", ["sweep.py", *base, "--dataset", str(data), "--outputs", str(a_file)],
              expect="a_file.txt", keep=[a_file]),
         Case("sweep limit 0", ["sweep.py", *base, "--limit", "0"], expect="--limit: must be >= 1"),
-        # paired_tests.py
-        Case("paired tests samples missing", ["paired_tests.py", "a", "b", "--samples", str(tmp / "nope")],
+        # python -m evaluation.paired_tests
+        Case("paired tests samples missing", ["-m", "evaluation.paired_tests", "a", "b", "--samples", str(tmp / "nope")],
              expect="nope"),
-        Case("paired tests on different items", ["paired_tests.py", "one", "two", "--samples", str(samples)],
+        Case("paired tests on different items", ["-m", "evaluation.paired_tests", "one", "two", "--samples", str(samples)],
              expect="not scored on the same"),
         # the benchmarks
         Case("bench steps 0", ["-m", "bench", *bench, "--steps", "0"], expect="--steps: must be >= 1"),

@@ -1,0 +1,2 @@
+"""Small utilities every part uses: the toolkit's files (JSON lines, atomic writes, one-line errors),
+argument types with real ranges, and the device and compute dtype a run uses."""

@@ -1,0 +1,67 @@
+"""The machine a run uses: the device (cpu, cuda, cuda:N), the compute dtype it is fast in, and the
+memory a new allocation can take."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+class DeviceError(ValueError):
+    """The requested device does not exist on this machine; the message is one line meant for the user."""
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """The requested device (cpu, cuda or cuda:N, refused in one line if this machine has none),
+    else CUDA when present, else the CPU."""
+    if not requested:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise DeviceError(f"unknown device {requested!r}: use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"device {requested!r} was requested but CUDA is not available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise DeviceError(f"device {requested!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Memory a new allocation can take: free GPU memory, or the CPU's MemAvailable (None if unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        lines = Path("/proc/meminfo").read_text().splitlines()
+    except OSError:  # not Linux: no check
+        return None
+    return next((int(line.split()[1]) * 1024 for line in lines if line.startswith("MemAvailable:")), None)
+
+
+def pick_compute_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs that support it, fp16 (to be trained with a GradScaler) on older GPUs. On the CPU,
+    bf16 only where the CPU multiplies bf16 natively (AVX-512 BF16 or AMX, where it is several times
+    faster than fp32); elsewhere (AVX2-only CPUs) torch emulates bf16 matmuls, which is far slower than
+    fp32 (`make bench` prints the matmul rate of both), so fp32."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+def cpu_has_native_bf16() -> bool:
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def describe_compute(device: torch.device, dtype: torch.dtype) -> str:
+    """One log line: where the model runs and in which dtype, and why fp32 on a CPU."""
+    line = f"compute: {device}, {dtype_name(dtype)}"
+    if device.type == "cpu" and dtype == torch.float32:
+        line += " (this CPU has no native bf16: AVX-512 BF16 or AMX)"
+    return line
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -1,0 +1,196 @@
+"""Requests that arrive together are generated together (serve.py's engine).
+
+Jobs wait in one bounded queue. A single worker thread owns the models: it takes the oldest job and
+every queued job that can share its batch (same model, same settings and stop strings, up to
+`max_batch`), generates them as one batch with the Generator's KV-cached path, and hands each job its
+answer, token by token to a job that streams. A job whose client went away is skipped while it waits,
+and its row ends at the next step once it runs. One thread, because the models share the CPU's cores:
+two batches at once would only slow each other down.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import StoppingCriteria
+from transformers.generation.streamers import BaseStreamer
+
+from gemma.generation import Completion, GenerationSettings, Generator
+
+
+class QueueFull(RuntimeError):
+    """Too many jobs are waiting; the message is one line for the client."""
+
+
+@dataclass(eq=False)
+class Job:
+    model: str
+    prompt: str
+    settings: GenerationSettings
+    stop: tuple[str, ...]
+    on_done: Callable[[Completion | BaseException], None]  # called once, from the worker thread
+    on_text: Callable[[str], None] | None = None  # streaming: each new piece of the answer's text
+    cancelled: bool = False  # set by the server when the client disconnects
+
+    def batch_key(self) -> tuple:
+        return self.model, self.settings, self.stop
+
+
+@dataclass
+class Stats:
+    batches: int = 0
+    jobs: int = 0
+    largest_batch: int = 0
+    new_tokens: int = 0
+    cancelled: int = 0  # jobs whose client went away before their answer was complete
+
+
+class BatchScheduler:
+    def __init__(self, generators: dict[str, Generator], max_batch: int = 16, max_queued: int = 64,
+                 gather_seconds: float = 0.02):
+        self.generators = generators
+        self.max_batch = max_batch
+        self.max_queued = max_queued
+        self.gather_seconds = gather_seconds  # a short wait lets requests sent together share a batch
+        self.stats = Stats()
+        self._queue: deque[Job] = deque()
+        self._wakeup = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="batch-worker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify()
+        self._thread.join()
+
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def submit(self, jobs: list[Job]) -> None:
+        """Queue jobs (all or none). Raises QueueFull when they would pass the bound."""
+        with self._wakeup:
+            if len(self._queue) + len(jobs) > self.max_queued:
+                raise QueueFull(f"the server is busy: {len(self._queue)} requests are waiting "
+                                f"(at most {self.max_queued}); retry later")
+            self._queue.extend(jobs)
+            self._wakeup.notify()
+
+    def _run(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            try:
+                if batch:
+                    self._generate(batch)
+            except Exception as error:  # noqa: BLE001  (a callback that fails must not stop the worker)
+                print(f"batch worker: {type(error).__name__}: {error}", file=sys.stderr)
+
+    def _next_batch(self) -> list[Job] | None:
+        """The oldest live job and the queued jobs that can join it; None once stopping."""
+        with self._wakeup:
+            while not self._queue and not self._stopping:
+                self._wakeup.wait()
+            if self._stopping:
+                return None
+        time.sleep(self.gather_seconds)
+        with self._wakeup:
+            live = [job for job in self._queue if not job.cancelled]
+            self.stats.cancelled += len(self._queue) - len(live)
+            if not live:
+                self._queue.clear()
+                return []
+            key = live[0].batch_key()
+            batch = [job for job in live if job.batch_key() == key][:self.max_batch]
+            chosen = set(map(id, batch))
+            self._queue = deque(job for job in live if id(job) not in chosen)
+        return batch
+
+    def _generate(self, batch: list[Job]) -> None:
+        generator = self.generators[batch[0].model]
+        first = batch[0]
+        feeds = [_TextFeed(generator, job) if job.on_text else None for job in batch]
+        streamer = _RowStreamer(feeds) if any(feeds) else None
+        try:
+            completions = generator.generate_batch([job.prompt for job in batch], first.settings, first.stop,
+                                                   streamer, _Cancelled(batch))
+        except Exception as error:  # noqa: BLE001  (each client gets the error; the server goes on)
+            for job in batch:
+                job.on_done(error)
+            return
+        self.stats.batches += 1
+        self.stats.jobs += len(batch)
+        self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+        self.stats.new_tokens += sum(completion.new_tokens for completion in completions)
+        self.stats.cancelled += sum(job.cancelled for job in batch)
+        for job, feed, completion in zip(batch, feeds, completions):
+            if feed:
+                feed.finish(completion.text)
+            job.on_done(completion)
+
+
+class _Cancelled(StoppingCriteria):
+    """Ends the rows whose client has gone away."""
+
+    def __init__(self, jobs: list[Job]):
+        self.jobs = jobs
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        return torch.tensor([job.cancelled for job in self.jobs], device=input_ids.device)
+
+
+class _RowStreamer(BaseStreamer):
+    """Hands each row's new token to its feed (rows that do not stream have none)."""
+
+    def __init__(self, feeds: list[_TextFeed | None]):
+        self.feeds = feeds
+
+    def put(self, value: torch.Tensor) -> None:
+        if value.dim() > 1:  # the prompt ids, sent once before the first new token
+            return
+        for feed, token in zip(self.feeds, value.tolist()):
+            if feed:
+                feed.push(token)
+
+    def end(self) -> None:
+        """Nothing is held here: each feed gets the completion's final text when the batch returns."""
+
+
+@dataclass
+class _TextFeed:
+    """Turns a row's tokens into text pieces for a streaming job. Text that may still change is held
+    back: a trailing incomplete character, and an ending that could be the start of a stop string."""
+
+    generator: Generator
+    job: Job
+    ids: list[int] = field(default_factory=list)
+    sent: int = 0
+
+    def push(self, token: int) -> None:
+        self.ids.append(token)
+        text = self.generator.to_completion(self.ids, self.job.stop).text
+        self._send(text[:len(text) - self._held_back(text)])
+
+    def finish(self, text: str) -> None:
+        self._send(text)
+
+    def _send(self, text: str) -> None:
+        if len(text) > self.sent:
+            self.job.on_text(text[self.sent:])
+            self.sent = len(text)
+
+    def _held_back(self, text: str) -> int:
+        if text.endswith("\ufffd"):  # a character whose bytes are still coming
+            return 1
+        return max((size for stop in self.job.stop for size in range(1, len(stop))
+                    if text.endswith(stop[:size])), default=0)

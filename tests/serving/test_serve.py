@@ -1,0 +1,246 @@
+"""serve.py with the official `openai` client against a real server on 127.0.0.1, on a tiny model
+with two adapters: both endpoints, streaming, batching of concurrent requests, bad input, a client
+that goes away mid-stream, the bounded queue."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+import pytest
+import torch
+
+import serve
+from conftest import build_tiny_model, make_tiny_tokenizer
+from gemma.chat_format import extract_code, user_turn
+from gemma.generation import GenerationSettings, Generator
+from lora import AdapterError, LoRAConfig, inject_lora, save_adapter
+from serving import app
+from serving.batcher import BatchScheduler, Job, QueueFull
+
+CONTEXT = 256  # the tiny model's context, so that a prompt can be too long for it
+
+
+@pytest.fixture(scope="module")
+def model_and_adapters(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-model")
+    model = build_tiny_model("gemma3")
+    model.config.max_position_embeddings = CONTEXT
+    model.save_pretrained(folder)
+    make_tiny_tokenizer().save_pretrained(folder)
+    adapters = {}
+    for name, seed in (("alpha", 1), ("beta", 2)):
+        adapted = build_tiny_model("gemma3")
+        config = LoRAConfig(rank=4, alpha=8.0, dropout=0.0, target_modules=("q_proj", "v_proj"))
+        inject_lora(adapted, config)
+        torch.manual_seed(seed)
+        for parameter_name, parameter in adapted.named_parameters():
+            if "lora_B" in parameter_name:
+                parameter.data.normal_(0, 2.0)
+        adapters[name] = tmp_path_factory.mktemp(name)
+        save_adapter(adapted, adapters[name], config)
+    return folder, adapters
+
+
+class Running:
+    """A server on a free port in a thread, stopped at teardown."""
+
+    def __init__(self, generators: dict[str, Generator], **scheduler_options):
+        self.scheduler = BatchScheduler(generators, **scheduler_options)
+        self.scheduler.start()
+        sock = app.listen("127.0.0.1", 0)
+        self.port = sock.getsockname()[1]
+        self.http = app.http_server(app.create_app(app.Server(self.scheduler)), log_level="warning")
+        self.thread = threading.Thread(target=self.http.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        while not self.http.started:
+            time.sleep(0.01)
+        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="unused", max_retries=0)
+
+    def stop(self) -> None:
+        self.http.should_exit = True
+        self.thread.join(timeout=10)
+        self.scheduler.stop()
+
+    def health(self) -> dict:
+        return self.request("GET", "/health")[1]
+
+    def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, dict]:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        connection.request(method, path, body=body, headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+
+
+@pytest.fixture(scope="module")
+def generators(model_and_adapters):
+    folder, adapters = model_and_adapters
+    return app.load_generators(str(folder), adapters, "cpu")
+
+
+@pytest.fixture(scope="module")
+def server(generators):
+    running = Running(generators, max_batch=8, gather_seconds=0.1)
+    yield running
+    running.stop()
+
+
+def direct(generators, model: str, prompt: str, max_tokens: int) -> str:
+    """What the Generator (gemma/generation.py) writes for the prompt alone."""
+    return generators[model].complete([prompt], GenerationSettings(max_new_tokens=max_tokens))[0].text
+
+
+def test_the_models_are_listed_and_health_says_ok(server):
+    assert [model.id for model in server.client.models.list().data] == ["base", "alpha", "beta"]
+    health = server.health()
+    assert health["status"] == "ok" and health["models"] == ["base", "alpha", "beta"]
+
+
+def test_chat_answers_are_the_generator_s_and_carry_the_code(server, generators):
+    messages = [{"role": "user", "content": "Write fib"}]
+    answers = {}
+    for model in ("base", "alpha", "beta"):
+        response = server.client.chat.completions.create(model=model, messages=messages, max_tokens=12)
+        choice = response.choices[0]
+        assert choice.message.role == "assistant"
+        assert choice.message.content == direct(generators, model, user_turn("Write fib"), 12)
+        assert choice.message.model_extra["code"] == extract_code(choice.message.content)
+        assert choice.finish_reason in ("stop", "length")
+        assert response.usage.prompt_tokens == len(generators[model].tokenizer(user_turn("Write fib")).input_ids)
+        answers[model] = choice.message.content
+    assert len(set(answers.values())) == 3  # each adapter answers with its own weights
+
+
+def test_completions_take_a_list_of_prompts(server, generators):
+    prompts = ["def add(a, b):\n", "x = "]
+    response = server.client.completions.create(model="alpha", prompt=prompts, max_tokens=10)
+    assert [choice.index for choice in response.choices] == [0, 1]
+    assert [choice.text for choice in response.choices] == [direct(generators, "alpha", p, 10) for p in prompts]
+    assert response.usage.completion_tokens <= 20
+
+
+def test_streaming_gives_the_same_text_piece_by_piece(server):
+    messages = [{"role": "user", "content": "Sort a list"}]
+    whole = server.client.chat.completions.create(model="beta", messages=messages, max_tokens=16)
+    chunks = list(server.client.chat.completions.create(model="beta", messages=messages, max_tokens=16, stream=True))
+    pieces = [chunk.choices[0].delta.content for chunk in chunks if chunk.choices[0].delta.content]
+    assert len(pieces) > 1 and "".join(pieces) == whole.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    streamed = server.client.completions.create(model="base", prompt="def f(", max_tokens=8, stream=True)
+    text = "".join(chunk.choices[0].text for chunk in streamed)
+    assert text == server.client.completions.create(model="base", prompt="def f(", max_tokens=8).choices[0].text
+
+
+def test_a_stop_string_ends_the_answer_and_is_never_streamed(server):
+    prompt = "def add(a, b):\n"
+    plain = server.client.completions.create(model="base", prompt=prompt, max_tokens=16).choices[0].text
+    stop = plain[4:6]  # a piece of what the model writes anyway
+    cut = server.client.completions.create(model="base", prompt=prompt, max_tokens=16, stop=[stop])
+    streamed = "".join(chunk.choices[0].text for chunk in server.client.completions.create(
+        model="base", prompt=prompt, max_tokens=16, stop=[stop], stream=True))
+    assert stop and cut.choices[0].text == plain.split(stop)[0] == streamed
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server, generators):
+    instructions = [f"Write function number {index}" for index in range(6)]
+    before = server.health()
+
+    def ask(instruction: str) -> str:
+        response = server.client.chat.completions.create(
+            model="alpha", messages=[{"role": "user", "content": instruction}], max_tokens=10)
+        return response.choices[0].message.content
+
+    with ThreadPoolExecutor(len(instructions)) as pool:
+        answers = list(pool.map(ask, instructions))
+    after = server.health()
+    assert answers == [direct(generators, "alpha", user_turn(text), 10) for text in instructions]
+    assert after["requests"] - before["requests"] == 6
+    assert after["batches"] - before["batches"] < 6 and after["largest_batch"] > 1
+
+
+@pytest.mark.parametrize("body, status, message", [
+    (b'{"model": "base", "messages": [', 400, "not valid JSON"),
+    (b'{"model": "gamma", "messages": [{"role": "user", "content": "x"}]}', 404, "model 'gamma' does not exist"),
+    (b'{"model": "base", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}', 400, "max_tokens"),
+    (b'{"model": "base", "messages": [{"role": "user", "content": "x"}], "max_tokens": 250}', 400,
+     "passes the model's context of 256 tokens"),
+    (b'{"model": "base", "messages": [{"role": "assistant", "content": "x"}]}', 400, "must end with a user message"),
+    (b'{"model": "base", "messages": [{"role": "robot", "content": "x"}]}', 400, "messages.0.role"),
+    (b'{"model": "base", "messages": []}', 400, "messages"),
+    (b'{"model": "base", "messages": [{"role": "user", "content": "x"}], "n": 2}', 400, "n: "),
+    (b'{"model": "base", "messages": [{"role": "user", "content": "x"}], "top_p": 5}', 400, "top_p"),
+    (b'{"model": "base", "messages": [{"role": "user", "content": "x"}], "stop": ["a","b","c","d","e"]}', 400,
+     "at most 4"),
+])
+def test_bad_requests_get_a_json_error_not_a_crash(server, body, status, message):
+    code, answer = server.request("POST", "/v1/chat/completions", body)
+    assert code == status
+    assert message in answer["error"]["message"] and "\n" not in answer["error"]["message"]
+    assert server.health()["status"] == "ok"
+
+
+def test_the_openai_client_sees_the_errors_as_its_own_exceptions(server):
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        server.client.completions.create(model="gamma", prompt="x")
+    with pytest.raises(openai.BadRequestError, match="context"):
+        server.client.completions.create(model="base", prompt="x" * 300, max_tokens=1)
+
+
+def test_a_client_that_goes_away_mid_stream_frees_its_row(server):
+    LONG = 150
+    prompt = "def loop():\n"
+    full = server.client.completions.create(model="base", prompt=prompt, max_tokens=LONG)
+    assert full.usage.completion_tokens == LONG  # the precondition: this answer runs to its limit
+    before = server.health()
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    body = json.dumps({"model": "base", "prompt": prompt, "max_tokens": LONG, "stream": True})
+    connection.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 200 and response.readline().startswith(b"data: ")
+    connection.sock.shutdown(socket.SHUT_RDWR)  # gone at once (a plain close waits for the response's file)
+    deadline = time.monotonic() + 30
+    while server.health()["batches"] == before["batches"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    after = server.health()
+    assert after["cancelled"] - before["cancelled"] == 1
+    assert after["new_tokens"] - before["new_tokens"] < LONG
+
+
+def test_requests_beyond_the_queue_bound_get_429(generators):
+    blocked = BatchScheduler(generators, max_queued=1)  # never started: what is queued stays queued
+    blocked.submit([Job("base", "x", GenerationSettings(), (), on_done=lambda result: None)])
+    with pytest.raises(QueueFull, match="1 requests are waiting"):
+        blocked.submit([Job("base", "y", GenerationSettings(), (), on_done=lambda result: None)])
+    full = Running(generators, max_queued=1)
+    try:
+        with pytest.raises(openai.RateLimitError, match="the server is busy"):
+            full.client.completions.create(model="base", prompt=["a", "b"], max_tokens=2)
+    finally:
+        full.stop()
+
+
+def test_adapter_names_on_the_command_line(tmp_path):
+    assert serve.parse_adapters(["lora=outputs/x", "outputs/qlora_r16"], tmp_path) == {
+        "lora": Path("outputs/x"), "qlora_r16": Path("outputs/qlora_r16")}
+    for specs in (["base=x"], ["a=x", "a=y"]):
+        with pytest.raises(AdapterError, match="its own name"):
+            serve.parse_adapters(specs, tmp_path)
+
+
+def test_a_port_in_use_is_one_line_and_exit_2(model_and_adapters, capsys):
+    taken = app.listen("127.0.0.1", 0)
+    port = taken.getsockname()[1]
+    folder, _ = model_and_adapters
+    assert serve.main(["--model", str(folder), "--adapter", "none=/no/adapter", "--port", str(port)]) == 2
+    assert "serve.py: error: no adapter_config.json in /no/adapter" in capsys.readouterr().err
+    assert serve.main(["--model", str(folder), "--outputs", "/nowhere", "--port", str(port)]) == 2
+    assert f"serve.py: error: cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    taken.close()

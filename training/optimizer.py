@@ -1,0 +1,45 @@
+"""AdamW over the trainable tensors and its learning rate: linear warmup, then cosine decay to zero."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lora import token_rows
+
+
+def make_optimizer(model, config, device: torch.device, dtype: torch.dtype):
+    """(trainable parameters, AdamW over them, GradScaler: active only for float16); `config` is a
+    TrainConfig (lr, weight_decay, token_lr_scale).
+
+    LoRA matrices and trainable token rows are separate groups, each with an `lr_scale` that the
+    schedule's rate is multiplied by. Token rows get no weight decay: they are whole rows, not
+    differences, and decay would pull them towards zero rather than towards the base model's row.
+    """
+    found = token_rows(model)
+    rows = [found[1].trainable_tokens_delta] if found else []
+    lora = [p for p in model.parameters() if p.requires_grad and not any(p is row for row in rows)]
+    groups = [{"params": lora, "weight_decay": config.weight_decay, "lr_scale": 1.0}]
+    if rows:
+        groups.append({"params": rows, "weight_decay": 0.0, "lr_scale": config.token_lr_scale})
+    optimizer = torch.optim.AdamW(groups, lr=config.lr)
+    return lora + rows, optimizer, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+def set_learning_rate(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def learning_rate(step: int, max_lr: float, warmup: int, total: int) -> float:
+    """Linear warmup to max_lr over `warmup` steps, then cosine decay to zero at `total`."""
+    if step < warmup:
+        return max_lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return max_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def warmup_for(total_steps: int, requested: int) -> int:
+    """The study's 150 warmup steps were 5% of its run; shorter runs warm up for 5% of theirs."""
+    return max(1, min(requested, math.ceil(0.05 * total_steps)))
