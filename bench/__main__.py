@@ -131,7 +131,7 @@ TITLE = "# Training benchmark: our loop vs PEFT + Hugging Face Trainer"
 NOTES = """## How to read this
 
 - Variants: """ + "; ".join(f"{label} = `{name}`" for name, label in LABELS.items()) + """.
-  (1) and (2) run train.py's `prepare_model` and `optimizer_step` (accumulation, clip, AdamW), the
+  (1) and (2) run training/'s `prepare_model` and `optimizer_step` (accumulation, clip, AdamW), the
   same code as `make train`, without its evaluation and checkpoints. (3) loads the same weights in the same dtype
   with the same attention implementation, wraps them with `peft.get_peft_model`, and trains with
   `transformers.Trainer` (`bf16=True` where we compute in bf16, `DataCollatorForSeq2Seq`, sequential sampler, AdamW

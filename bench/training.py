@@ -1,7 +1,7 @@
 """The four training variants, each run in its own process by `python -m bench` (so each has its own
 peak memory), on the same micro-batches in the same order:
 
-    lora        our loop (train.py's prepare_model and optimizer_step), LoRA on a base in our compute dtype
+    lora        our loop (training/'s prepare_model and optimizer_step), LoRA on a base in our compute dtype
     qlora       the same on our NF4 base (prepare_model with qlora=True)
     peft-lora   PEFT LoRA + Hugging Face Trainer, the model loaded in our compute dtype (bf16=True with bf16)
     peft-qlora  PEFT LoRA + Trainer on a bitsandbytes 4-bit base (NF4, double quantization, our
