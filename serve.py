@@ -18,6 +18,7 @@ copy of the base model (a QLoRA one on its NF4 base), so serving n adapters take
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 from collections.abc import Sequence
@@ -63,9 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # as KeyboardInterrupt for both, so that a deliberate stop ends with exit code 0, not a traceback.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        http_server(create_app(Server(scheduler))).run(sockets=[sock])
-    except KeyboardInterrupt:
-        pass
+        with contextlib.suppress(KeyboardInterrupt):
+            http_server(create_app(Server(scheduler))).run(sockets=[sock])
     finally:
         scheduler.stop()
     print("stopped", file=sys.stderr)

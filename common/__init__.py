@@ -1,2 +1,3 @@
 """Small utilities every part uses: the toolkit's files (JSON lines, atomic writes, one-line errors),
-argument types with real ranges, and the device and compute dtype a run uses."""
+argument types with real ranges, the device and compute dtype a run uses, and replacing a submodule
+by name."""

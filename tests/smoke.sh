@@ -9,13 +9,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [[ -n "${SMOKE_DIR:-}" ]]; then
-    work="$SMOKE_DIR"
-    mkdir -p "$work"
-else
-    work="$(mktemp -d "${TMPDIR:-/tmp}/gemma-lora-smoke.XXXXXX")"
-    trap 'rm -rf "$work"' EXIT
-fi
+work="${SMOKE_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/gemma-lora-smoke.XXXXXX")}"
+mkdir -p "$work"
+make_pid=""
+cleanup() {  # on any exit: a server left by a failed check is stopped, a temporary folder removed
+    [[ -z "$make_pid" ]] || pkill -TERM -P "$make_pid" 2>/dev/null || true
+    [[ -n "${SMOKE_DIR:-}" ]] || rm -rf "$work"
+}
+trap cleanup EXIT
 venv="$work/venv"
 outputs="$work/outputs"
 export GEMMA_LORA_CACHE="$work/model-cache"

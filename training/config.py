@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from common.files import OUTPUTS
 from gemma.loading import EMBEDDED_MODEL
 from lora import ATTENTION_MODULES, LoRAConfig, parse_target_modules
 
@@ -36,7 +37,7 @@ EMBEDDED_CPU = Recipe(epochs=2, max_length=256, lr=1e-3, token_lr_scale=2.5, rep
 class TrainConfig:
     model: str = EMBEDDED_MODEL
     dataset: str = "default"
-    out: str = "outputs/lora_r16"
+    out: str = f"{OUTPUTS}/lora_r16"
     rank: int = LoRAConfig.rank
     alpha: float | None = None  # None: 2 * rank, as in the study's rank sweep
     dropout: float = LoRAConfig.dropout

@@ -1,11 +1,12 @@
 """Running untrusted Python programs, one process each, and telling why each one failed.
 
-Every program runs in a fresh interpreter (see `_child.py` for what it sets up), in its own
-session and throw-away directory. When the evaluator runs as root, every concurrently running
-program also gets its own unprivileged user id, borrowed from a pool: the kernel then counts
-processes per program, and after the program ends everything still running under that id is
-killed, including processes that left the session. The program's result is written to a file the
-evaluator reads only after the whole process tree is gone, so no program can hang the evaluator.
+Every program runs in a fresh interpreter (see `_child.py` for what it sets up), in a new POSIX
+process session (`start_new_session`) and a throw-away directory. When the evaluator runs as root,
+every concurrently running program also gets its own unprivileged user id, borrowed from a pool: the
+kernel then counts processes per program, and after the program ends everything still running under
+that id is killed, including processes that started a process session of their own. The program's
+result is written to a file the evaluator reads only after the whole process tree is gone, so no
+program can hang the evaluator.
 """
 
 from __future__ import annotations
