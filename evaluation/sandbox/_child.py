@@ -1,10 +1,14 @@
 """The first code that runs inside a sandboxed process; it then runs the untrusted program.
 
-`sandbox.runner` starts it as `python -I -B _child.py SETTINGS_JSON`, in a new session, with the
-program on stdin, the throw-away working directory as the current directory, and a file open for
-the one-line JSON result (its descriptor number is in the settings). It uses only the standard
-library and nothing from this project, and it sets everything up (reads the program, isolates,
-limits, drops privileges) before a single line of the program runs.
+`sandbox.runner` starts it as `python -I -B _child.py SETTINGS_JSON`, in a new session, with a
+one-time secret and then the program on stdin, the throw-away working directory as the current
+directory, and a file open for the one-line JSON result (its descriptor number is in the settings).
+It uses only the standard library and nothing from this project, and it sets everything up (reads
+the program, isolates, limits, drops privileges) before a single line of the program runs.
+
+The result counts only with the secret, which the runner checks; so a program that writes a passing
+line of its own to every descriptor it has, then exits at once, is scored as failed. The secret is
+read from stdin before the program runs and is never in the arguments, the environment or a file.
 
 Layers, outermost first:
 1. Operating system: a network namespace with no interfaces (when permitted), resource limits on
@@ -55,6 +59,8 @@ WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
 def main() -> None:
     settings = json.loads(sys.argv[1])
+    # The secret stays in the reporter's closure: no frame of this module holds it as a variable.
+    report = _reporter(settings["result_fd"], sys.stdin.readline().strip())
     source = sys.stdin.read()
     _detach_stdin()
     if os.geteuid() == 0:
@@ -65,7 +71,7 @@ def main() -> None:
     workdir = os.getcwd()
     if settings["guard"]:
         sys.addaudithook(_make_guard(workdir))
-    _run(source, settings["result_fd"])
+    _run(source, report)
 
 
 def _detach_stdin() -> None:
@@ -143,20 +149,31 @@ def _opens_for_writing(args: tuple) -> bool:
     return isinstance(mode, str) and any(letter in mode for letter in "wax+")
 
 
-def _run(source: str, result_fd: int) -> None:
+def _reporter(result_fd: int, secret: str):
+    """Writes the verdict with the secret. The functions it calls are bound now, before the program
+    runs, so a program that replaces `os.write` or `json.dumps` cannot change what it writes."""
+    write, encode = os.write, json.JSONEncoder().encode
+
+    def report(passed: bool, reason: str) -> None:
+        write(result_fd, (encode({"secret": secret, "passed": passed, "reason": reason}) + "\n").encode())
+
+    return report
+
+
+def _run(source: str, report) -> None:
     own_pid = os.getpid()
     try:
         code = compile(source, "<program>", "exec")
         # Not "__main__": a program's own `if __name__ == "__main__":` block must not run.
         exec(code, {"__name__": "__program__", "__builtins__": __builtins__})
-        result = {"passed": True, "reason": "passed"}
+        passed, reason = True, "passed"
     except BaseException as error:  # everything the program raises is a failure, even SystemExit
         traceback.print_exc()
-        result = {"passed": False, "reason": _describe(error)}
+        passed, reason = False, _describe(error)
     sys.stdout.flush()
     sys.stderr.flush()
     if os.getpid() == own_pid:  # a process the program forked must not report for it
-        os.write(result_fd, (json.dumps(result) + "\n").encode())
+        report(passed, reason)
     # Exit at once: threads the program left running must not keep the process alive.
     os._exit(0)
 

@@ -6,7 +6,9 @@ every concurrently running program also gets its own unprivileged user id, borro
 kernel then counts processes per program, and after the program ends everything still running under
 that id is killed, including processes that started a process session of their own. The program's
 result is written to a file the evaluator reads only after the whole process tree is gone, so no
-program can hang the evaluator.
+program can hang the evaluator. A result counts only when it carries the one-time secret the runner
+gave that program and the process exited normally: generated code cannot mark itself correct by
+writing a passing line of its own and leaving before its tests run.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import os
 import pwd
 import queue
+import secrets
 import signal
 import subprocess
 import sys
@@ -65,13 +68,14 @@ def run_program(source: str, limits: Limits = Limits()) -> Outcome:
         sample_dir = Path(root)
         sample_dir.chmod(0o711)  # the sandbox user may enter, not list
         workdir = _make_workdir(sample_dir, uid)
+        secret = secrets.token_hex(16)
         with open(sample_dir / "stdout", "wb") as stdout, open(sample_dir / "stderr", "wb") as stderr, \
                 open(sample_dir / "result", "w+b") as result:
-            timed_out, returncode = _run_child(source, limits, uid, workdir, stdout, stderr, result)
+            timed_out, returncode = _run_child(f"{secret}\n{source}", limits, uid, workdir, stdout, stderr, result)
             result.seek(0)
             reported = result.read().decode(errors="replace")
         stderr_tail = (sample_dir / "stderr").read_bytes()[-STDERR_TAIL_CHARS:].decode(errors="replace")
-    return _outcome(reported, timed_out, returncode, limits, stderr_tail)
+    return _outcome(_verdict(reported, secret), reported, timed_out, returncode, limits, stderr_tail)
 
 
 def run_programs(sources: Sequence[str], limits: Limits = Limits(), workers: int | None = None,
@@ -98,7 +102,7 @@ def _make_workdir(sample_dir: Path, uid: int | None) -> Path:
     return workdir
 
 
-def _run_child(source: str, limits: Limits, uid: int | None, workdir: Path, stdout, stderr,
+def _run_child(stdin: str, limits: Limits, uid: int | None, workdir: Path, stdout, stderr,
                result) -> tuple[bool, int]:
     """Start the child, wait up to the time limit, then kill whatever is left of it."""
     settings = {
@@ -117,7 +121,7 @@ def _run_child(source: str, limits: Limits, uid: int | None, workdir: Path, stdo
     )
     timed_out = False
     try:
-        process.communicate(source.encode(), timeout=limits.timeout_s)
+        process.communicate(stdin.encode(), timeout=limits.timeout_s)
     except subprocess.TimeoutExpired:
         timed_out = True
     finally:
@@ -175,14 +179,24 @@ def _processes_of(uid: int) -> list[int]:
     return [pid for pid, uids in _running_processes() if uid in uids]
 
 
-def _outcome(reported: str, timed_out: bool, returncode: int, limits: Limits, stderr_tail: str) -> Outcome:
-    lines = reported.strip().splitlines()
-    if lines:
+def _verdict(reported: str, secret: str) -> dict | None:
+    """The line of the result file that carries `secret` (the sandbox's own), or None."""
+    for line in reported.splitlines():
         try:
-            result = json.loads(lines[-1])
-            return Outcome(bool(result["passed"]), str(result["reason"]), stderr_tail)
-        except (ValueError, KeyError, TypeError):
-            return Outcome(False, "the program wrote an unreadable result", stderr_tail)
+            result = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(result, dict) and result.get("secret") == secret:
+            return result
+    return None
+
+
+def _outcome(verdict: dict | None, reported: str, timed_out: bool, returncode: int, limits: Limits,
+             stderr_tail: str) -> Outcome:
+    if verdict is not None and returncode == 0:
+        return Outcome(verdict.get("passed") is True, str(verdict.get("reason")), stderr_tail)
+    if reported.strip() and verdict is None:
+        return Outcome(False, "the program wrote a result of its own (not the sandbox's)", stderr_tail)
     if timed_out:
         return Outcome(False, f"timed out after {limits.timeout_s:g} s", stderr_tail)
     if returncode < 0:

@@ -50,6 +50,39 @@ def test_leaving_early_is_a_failure(source, reason):
     assert not outcome.passed and reason in outcome.reason
 
 
+FORGED_PASS = """
+import json, os
+line = (json.dumps({"passed": True, "reason": "passed"}) + "\\n").encode()
+for descriptor in range(3, 256):
+    try:
+        os.write(descriptor, line)
+    except OSError:
+        pass
+os._exit(0)
+"""
+
+
+@pytest.mark.parametrize("guard", LAYERS)
+def test_a_program_that_forges_a_passing_result_on_every_descriptor_fails(guard):
+    outcome = run_program(FORGED_PASS + "\nassert False, 'the tests'", Limits(guard=guard))
+    assert not outcome.passed and outcome.reason == "the program wrote a result of its own (not the sandbox's)"
+
+
+@pytest.mark.parametrize("guard", LAYERS)
+def test_a_program_that_replaces_the_writer_and_exits_before_its_tests_fails(guard):
+    # os.write and json.dumps replaced, then an exit with status 0 before the assertion can fail.
+    source = ("import json, os\njson.dumps = lambda *a, **k: '{\"passed\": true}'\nos.write = lambda *a: 0\n"
+              "os._exit(0)\nassert False, 'the tests'")
+    outcome = run_program(source, Limits(guard=guard))
+    assert not outcome.passed and "before the program finished" in outcome.reason
+
+
+def test_a_replaced_json_encoder_does_not_change_the_verdict():
+    source = "import json\njson.JSONEncoder.encode = lambda self, o: '{\"passed\": true}'\nassert False, 'the tests'"
+    outcome = run_program(source)
+    assert not outcome.passed and outcome.reason == "AssertionError: the tests"
+
+
 def test_a_program_may_use_its_own_directory_and_the_standard_library():
     source = "import collections, doctest, math\nopen('notes.txt', 'w').write('x')\nimport os\nos.remove('notes.txt')"
     assert run_program(source).passed
