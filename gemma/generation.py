@@ -55,10 +55,18 @@ class GenerationSettings:
         return key
 
 
+# What ended a completion when no stop token did (`Completion.stop`).
+STOPPED_AT_LIMIT = "token limit"
+STOPPED_BY_STRING = "stop string"
+
+
 @dataclass(frozen=True)
 class Completion:
     text: str  # the new tokens up to the first stop token, decoded, cut at the first stop string
     new_tokens: int  # positions generated, the stop token included
+    # What ended it: the stop token (<end_of_turn>, <eos>, an invented <start_of_turn>, a generated <pad>),
+    # STOPPED_BY_STRING or STOPPED_AT_LIMIT. None where it was not recorded (generation caches made before).
+    stop: str | None = None
 
 
 class GenerateError(RuntimeError):
@@ -202,16 +210,23 @@ class Generator:
         )
 
     def to_completion(self, ids: list[int], stop_strings: Sequence[str] = ()) -> Completion:
-        """Generated ids (new tokens only) -> the completion: text up to the first stop, and its length."""
+        """Generated ids (new tokens only) -> the completion: text up to the first stop, its length and
+        what stopped it."""
         # A row that finished before the rest of its batch (stop token or stop string) is padded to the
         # batch's length: it ends at its first stop token or padding. A stop token was generated, padding not.
         ends = (position for position, token in enumerate(ids) if token in self.stop_ids or token == self.pad_id)
         end = next(ends, len(ids))
         generated = end + 1 if end < len(ids) and ids[end] in self.stop_ids else end
         text = self.tokenizer.decode(ids[:end], skip_special_tokens=True)
-        for stop in stop_strings:
-            text = text.split(stop, 1)[0]
-        return Completion(text, generated)
+        if any(stop in text for stop in stop_strings):
+            stop = STOPPED_BY_STRING
+            for string in stop_strings:
+                text = text.split(string, 1)[0]
+        elif end < len(ids):
+            stop = self.tokenizer.convert_ids_to_tokens(ids[end])
+        else:
+            stop = STOPPED_AT_LIMIT
+        return Completion(text, generated, stop)
 
 
 class _UntilFewAreLive(StoppingCriteria):

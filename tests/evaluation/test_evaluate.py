@@ -14,10 +14,10 @@ import evaluate
 from conftest import build_tiny_model, corpus_row, make_tiny_tokenizer
 from evaluate import completion_from_code, doctest_program, humaneval_program, is_valid_python
 from evaluation import generation_cache, metrics
-from evaluation.generation_cache import GenerationCache, ModelSpec
+from evaluation.generation_cache import ModelSpec, cache_for
 from evaluation.report import count_passed, wilson_interval
 from evaluation.sandbox import Limits, run_program, run_programs
-from gemma.generation import Completion, GenerationSettings
+from gemma.generation import STOPPED_AT_LIMIT, Completion, GenerationSettings
 from lora import LoRAConfig, inject_lora, save_adapter
 
 
@@ -96,6 +96,24 @@ def test_doctests_of_a_row_decide_its_pass():
     outcome = run_program(doctest_program("def add(a, b):\n    return a - b", tests, "add"))
     assert not outcome.passed and outcome.reason == "AssertionError: 2 of 2 doctest examples failed"
     assert not run_program(doctest_program("", tests, "add")).passed
+
+
+def test_doctests_that_a_constant_answer_passes_are_not_counted():
+    assert not metrics.doctests_can_tell('>>> panagram("the quick brown fox jumps over the lazy dog")\nTrue')
+    assert not metrics.doctests_can_tell(">>> is_odd(3)\nTrue\n>>> is_odd(5)\nTrue")
+    assert metrics.doctests_can_tell(">>> is_odd(3)\nTrue\n>>> is_odd(4)\nFalse")
+    assert metrics.doctests_can_tell(">>> g = {'A': []}\n>>> path(g, 'A')\n['A']")
+    # `return True` passes the single-example row, so the row cannot tell it from a right answer.
+    tests = '>>> panagram("the quick brown fox jumps over the lazy dog")\nTrue'
+    assert run_program(doctest_program("def panagram(text):\n    return True", tests, "panagram")).passed
+
+
+def test_code_that_replaces_doctests_runner_fails_its_row():
+    tests = ">>> add(2, 3)\n5\n>>> add(1, 1)\n2"
+    cheat = ("import doctest\ndoctest.DocTestRunner.run = lambda *args, **kwargs: doctest.TestResults(0, 0)\n"
+             "def add(a, b):\n    return 0")
+    outcome = run_program(doctest_program(cheat, tests, "add"))
+    assert not outcome.passed and outcome.reason == "AssertionError: 0 of 2 doctest examples ran"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,61 +232,98 @@ def empty_model_folder(tmp_path):
 def test_a_cache_line_cut_by_an_interruption_is_dropped(tmp_path):
     spec = ModelSpec("base", str(empty_model_folder(tmp_path)))
     settings = GenerationSettings(max_new_tokens=4)
-    cache = GenerationCache(tmp_path, spec, "cpu:float32")
+    cache = cache_for(tmp_path, spec, "cpu:float32")
     keys = [cache.key(prompt, settings, ()) for prompt in ("a", "b", "c")]
     cache.add(keys[:2], [Completion("x", 1), Completion("y", 2)])
     with cache.path.open("a") as handle:
         handle.write('{"key": "half a li')
-    reloaded = GenerationCache(tmp_path, spec, "cpu:float32")
+    reloaded = cache_for(tmp_path, spec, "cpu:float32")
     assert reloaded.entries == {keys[0]: Completion("x", 1), keys[1]: Completion("y", 2)}
     reloaded.add(keys[2:], [Completion("z", 3)])
-    assert len(GenerationCache(tmp_path, spec, "cpu:float32").entries) == 3
+    assert len(cache_for(tmp_path, spec, "cpu:float32").entries) == 3
 
 
 def test_answers_decoded_in_another_dtype_are_not_served_from_the_cache(tmp_path):
     spec = ModelSpec("base", str(empty_model_folder(tmp_path)))
-    GenerationCache(tmp_path, spec, "cpu:bfloat16").add(["a"], [Completion("x", 1)])
-    assert GenerationCache(tmp_path, spec, "cpu:float32").entries == {}
-    assert GenerationCache(tmp_path, spec, "cpu:bfloat16").entries == {"a": Completion("x", 1)}
+    cache_for(tmp_path, spec, "cpu:bfloat16").add(["a"], [Completion("x", 1)])
+    assert cache_for(tmp_path, spec, "cpu:float32").entries == {}
+    assert cache_for(tmp_path, spec, "cpu:bfloat16").entries == {"a": Completion("x", 1)}
 
 
-@pytest.mark.parametrize("change", ["torch", "transformers", "revision"])
+@pytest.mark.parametrize("change", ["torch", "transformers", "source"])
 def test_answers_decoded_by_other_code_are_not_served_from_the_cache(tmp_path, monkeypatch, change):
+    source = tmp_path / "decoding.py"
+    source.write_text("HEAD = 'row-major'\n")
+    monkeypatch.setattr(generation_cache, "DECODING_SOURCES", (source,))
     spec = ModelSpec("base", str(empty_model_folder(tmp_path)))
-    GenerationCache(tmp_path, spec, "cpu:float32").add(["a"], [Completion("x", 1)])
-    if change == "revision":
-        monkeypatch.setattr(generation_cache, "DECODING_REVISION", generation_cache.DECODING_REVISION + 1)
+    cache_for(tmp_path, spec, "cpu:float32").add(["a"], [Completion("x", 1)])
+    assert cache_for(tmp_path, spec, "cpu:float32").entries == {"a": Completion("x", 1)}
+    if change == "source":
+        source.write_text("HEAD = 'column-major'\n")
     else:
         module = getattr(generation_cache, change)
         monkeypatch.setattr(module, "__version__", module.__version__ + ".post1")
-    assert GenerationCache(tmp_path, spec, "cpu:float32").entries == {}
+    assert cache_for(tmp_path, spec, "cpu:float32").entries == {}
+
+
+def test_the_decoding_sources_are_the_packages_a_generation_runs_through():
+    names = {str(path.relative_to(generation_cache.PROJECT_ROOT)) for path in generation_cache.DECODING_SOURCES}
+    assert {"gemma/generation.py", "gemma/loading.py", "gemma/chat_format.py", "lora/layer.py", "quant/nf4.py"} <= names
+
+
+def test_a_changed_training_config_regenerates_the_adapters_answers(tmp_path):
+    """train_config.json decides whether the adapter meets an NF4 or a float base: another config,
+    other answers, even with the same adapter weights."""
+    adapter = tmp_path / "lora_r16"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights")
+    (adapter / "train_config.json").write_text('{"qlora": false}')
+    (adapter / "metrics.jsonl").write_text("")  # not read by generation: no effect on the key
+    spec = ModelSpec("lora_r16", str(empty_model_folder(tmp_path)), adapter)
+    cache_for(tmp_path, spec, "cpu:float32").add(["a"], [Completion("x", 1, "<end_of_turn>")])
+    (adapter / "metrics.jsonl").write_text('{"step": 1}\n')
+    assert cache_for(tmp_path, spec, "cpu:float32").entries == {"a": Completion("x", 1, "<end_of_turn>")}
+    (adapter / "train_config.json").write_text('{"qlora": true}')
+    assert cache_for(tmp_path, spec, "cpu:float32").entries == {}
 
 
 @pytest.mark.parametrize("damage", ["not json at all", '{"key": "k"}', '{"key": "k", "text": "t", "new_tokens": "many"}'])
 def test_a_damaged_cache_line_in_the_middle_is_dropped_with_one_line(tmp_path, capsys, damage):
     spec = ModelSpec("base", str(empty_model_folder(tmp_path)))
-    cache = GenerationCache(tmp_path, spec, "cpu:float32")
+    cache = cache_for(tmp_path, spec, "cpu:float32")
     cache.add(["a"], [Completion("x", 1)])
     with cache.path.open("a") as handle:
         handle.write(damage + "\n")
     cache.add(["b"], [Completion("y", 2)])
-    reloaded = GenerationCache(tmp_path, spec, "cpu:float32")
+    reloaded = cache_for(tmp_path, spec, "cpu:float32")
     assert reloaded.entries == {"a": Completion("x", 1), "b": Completion("y", 2)}
     assert f"{cache.path} line 2 is not a cached generation" in capsys.readouterr().err
     assert damage not in cache.path.read_text()  # dropped from the file too: the warning comes once
 
 
-def test_an_answer_that_reaches_the_token_limit_has_not_ended_its_turn():
-    class FixedLengths:  # stands in for CachedGenerator: answers of 3 tokens, or of the whole limit
+def test_only_end_of_turn_and_eos_count_as_an_ended_turn(tmp_path):
+    """An invented <start_of_turn> stops generation early but is not an ended turn: it is counted apart,
+    as an answer cut at the token limit is counted in neither."""
+    stops = {"a": "<end_of_turn>", "b": "<eos>", "c": "<start_of_turn>", "d": "<pad>", "e": STOPPED_AT_LIMIT}
+
+    class FixedStops:  # stands in for CachedGenerator
         settings = GenerationSettings(max_new_tokens=5)
 
         def complete(self, prompts, stop_strings, description):
-            return [Completion("x = 1", 3 if "short" in prompt else 5) for prompt in prompts]
+            return [Completion("x = 1", 3, stops.get(prompt.split("\n")[1][:1], "<end_of_turn>")) for prompt in prompts]
 
-    row = {"instruction": "short", "input": "", "entry_point": ""}
-    problem = {"prompt": "def f():\n", "entry_point": "f"}
-    tasks = evaluate.Tasks(held_out=[row, {**row, "instruction": "long"}], humaneval=[problem])
-    assert evaluate.model_answers(FixedLengths(), tasks).ended == [True, False, False]
+    rows = [{"instruction": letter, "input": "", "output": "x = 1", "tests": "", "entry_point": ""} for letter in stops]
+    problem = {"task_id": "t/0", "prompt": "def f():\n", "entry_point": "f", "test": "def check(f):\n    pass\n"}
+    tasks = evaluate.Tasks(held_out=rows, humaneval=[problem])
+    answers = evaluate.model_answers(FixedStops(), tasks)
+    assert answers.stops == [*stops.values(), "<end_of_turn>"]
+    report = evaluate.score("m", "", tasks, answers, "<eos>", Limits(), 1, tmp_path)
+    assert (report.ended.successes, report.ended.total) == (3, 6)
+    assert (report.stopped_otherwise.successes, report.stopped_otherwise.total) == (2, 6)
+    # Answers kept from before stop tokens were recorded: no ended-turn figure rather than a guess.
+    old = evaluate.Answers(answers.held_out, answers.humaneval_chat, answers.humaneval_raw, [None] * 6)
+    assert str(evaluate.score("m", "", tasks, old, "<eos>", Limits(), 1, tmp_path).ended) == "-"
 
 
 def test_references_longer_than_the_limit_are_counted():

@@ -109,15 +109,19 @@ def test_the_head_is_chosen_by_device():
     assert not generation._vocabulary_major_is_faster(torch.empty(2, 2, device="meta"))
 
 
-def test_a_completion_ends_at_the_first_stop_token(generator):
+def test_a_completion_ends_at_the_first_stop_token_and_records_it(generator):
     tokenizer = generator.tokenizer
     end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
     ids = tokenizer("x = 1").input_ids[1:] + [end_of_turn, tokenizer.pad_token_id, tokenizer.pad_token_id]
-    assert generator.to_completion(ids, ()) == Completion("x = 1", new_tokens=6)
+    assert generator.to_completion(ids, ()) == Completion("x = 1", new_tokens=6, stop="<end_of_turn>")
+    invented = tokenizer.convert_tokens_to_ids("<start_of_turn>")
+    assert generator.to_completion(ids[:5] + [invented], ()).stop == "<start_of_turn>"
+    assert generator.to_completion(ids[:5] + [tokenizer.eos_token_id], ()).stop == "<eos>"
+    assert generator.to_completion(ids[:5], ()) == Completion("x = 1", new_tokens=5, stop=generation.STOPPED_AT_LIMIT)
     # A row stopped by a stop string is padded while the rest of its batch goes on.
     ids = tokenizer("a\ndef ").input_ids[1:]
     stopped = generator.to_completion(ids + [tokenizer.pad_token_id] * 4, ("\ndef ",))
-    assert stopped == Completion("a", new_tokens=len(ids))
+    assert stopped == Completion("a", new_tokens=len(ids), stop=generation.STOPPED_BY_STRING)
 
 
 def test_sampling_is_reproducible_with_a_seed(generator):
