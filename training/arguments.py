@@ -51,7 +51,8 @@ def parse_args(argv: list[str] | None, description: str | None = None) -> TrainC
         help=f"peak learning rate ({recipe_default('lr')})")
     add("--weight-decay", type=NON_NEGATIVE, default=defaults.weight_decay, help="AdamW weight decay (default: %(default)s)")
     add("--warmup-steps", type=NON_NEGATIVE_INT, default=defaults.warmup_steps,
-        help="linear warmup steps, capped at 5%% of the run (default: %(default)s)")
+        help="linear warmup steps, applied as asked; longer than the run is an error (default: 5%% of the run, "
+             "at most the study's 150)")
     add("--epochs", type=COUNT, default=None,
         help=f"passes over the data ({recipe_default('epochs')})")
     add("--max-steps", type=COUNT, default=None, help="stop after this many optimizer steps")
@@ -72,7 +73,7 @@ def parse_args(argv: list[str] | None, description: str | None = None) -> TrainC
              "that a line written once should be less likely the second time, which can hurt copying a signature "
              "from the prompt; 3 leaves a line written twice alone (default: %(default)s)")
     add("--repetition-rows", type=COUNT, default=defaults.repetition_rows,
-        help="looping rows that --repetition adds to each optimizer step (per process), each --max-length tokens "
+        help="looping rows that --repetition adds to each optimizer step (shared among processes), each --max-length tokens "
              "long: one costs about a tenth of a step at batch 4 x 4 (default: %(default)s)")
     add("--seed", type=SEED, default=defaults.seed, help="seed for init, dropout and data order (default: %(default)s)")
     add("--save-every", type=COUNT, default=defaults.save_every, help="checkpoint every N steps (default: %(default)s)")

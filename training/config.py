@@ -52,7 +52,7 @@ class TrainConfig:
     grad_accum: int = 4
     lr: float | None = None  # None: the recipe's (STUDY, or EMBEDDED_CPU for the embedded default on a CPU)
     weight_decay: float = 0.01
-    warmup_steps: int = 150
+    warmup_steps: int | None = None  # None: 5% of the run, at most the study's 150; given: applied as asked
     epochs: int | None = None  # None: the recipe's
     max_steps: int | None = None
     max_length: int | None = None  # None: the recipe's
@@ -60,7 +60,7 @@ class TrainConfig:
     unlikelihood: float = 0.0  # weight of the token-level unlikelihood term against repeating the answer's tokens
     repetition: float | None = None  # weight of the DITTO loss of one looping batch per step (training/repetition.py); None: the recipe's
     repetition_from_copy: int = 3  # the first copy of a looping block that the DITTO loss applies to (the paper's: 2)
-    repetition_rows: int = 1  # looping rows per optimizer step (and process); each is --max-length tokens long
+    repetition_rows: int = 1  # looping rows per optimizer step, shared among the processes; each --max-length tokens long
     seed: int = 42
     save_every: int = 25  # a checkpoint is small (adapter + AdamW state): a killed run loses little
     eval_every: int = 100  # each held-out pass costs about 1.5 optimizer steps on the CPU

@@ -124,6 +124,14 @@ def gather(world: World, value: object) -> list[object]:
     return values
 
 
+def my_share(world: World, batch: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    """This rank's rows of a batch every rank holds alike (rows rank, rank + size, ...); None when
+    it has none: a batch of fewer rows than ranks leaves some ranks without."""
+    if batch is None or world.rank >= len(next(iter(batch.values()))):
+        return None
+    return {key: value[world.rank::world.size] for key, value in batch.items()}
+
+
 def my_rows(world: World, micro_batch: list[int], rows_per_rank: int) -> list[int]:
     """This rank's part of a global micro-batch of world.size x rows_per_rank rows (empty for a rank
     past the end of a short last batch)."""

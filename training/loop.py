@@ -24,14 +24,16 @@ from lora import LoRAConfig, describe_token_rows, save_adapter, trainable_report
 from training import distributed
 from training.checkpoint import data_fingerprint, hold_output_folder, rng_state, save_checkpoint, start_or_resume
 from training.config import TrainConfig, resolve_defaults
-from training.distributed import RankFailed, World, all_or_none, gather, my_rows, same_start, sum_over_ranks
+from training.distributed import (
+    RankFailed, World, all_or_none, gather, my_rows, my_share, same_start, sum_over_ranks,
+)
 from training.optimizer import learning_rate, make_optimizer, set_learning_rate, warmup_for
 from training.repetition import looping_batch, newline_token_ids
 from training.run_log import (
     SUMMARY_NAME, peak_memory_bytes, plot_losses, record, summarize, truncate_metrics, write_settings,
 )
 from training.setup import TrainError, prepare_model, resolve_trainable_tokens
-from training.step import held_out_losses, optimizer_step
+from training.step import apply_update, held_out_losses, interrupts_held, step_gradients
 
 
 def schedule_micro_batches(lengths: list[int], config: TrainConfig) -> list[list[int]]:
@@ -71,6 +73,7 @@ class Training:
     newline_ids: frozenset[int]  # where lines end, for the looping batches (empty unless --repetition)
     examples: list[dict]
     windows: list[list[list[int]]]  # per optimizer step, this rank's micro-batches (example indices)
+    step_rows: list[list[int]]  # per optimizer step, every rank's examples (what the looping rows are drawn from)
     total_steps: int
     warmup: int
     eval_batches: list[dict]
@@ -100,7 +103,13 @@ def _setup(config: TrainConfig, device: torch.device, world: World) -> Training:
     windows = [[rows for micro in schedule[i:i + config.grad_accum]
                 if (rows := my_rows(world, micro, config.batch_size))]
                for i in range(0, len(schedule), config.grad_accum)]
+    step_rows = [[row for micro in schedule[i:i + config.grad_accum] for row in micro]
+                 for i in range(0, len(schedule), config.grad_accum)]
     total_steps = min(len(windows), config.max_steps or len(windows))
+    try:
+        warmup = warmup_for(total_steps, config.warmup_steps)
+    except ValueError as error:
+        raise TrainError(str(error)) from None
     eval_batches = [collate(held_out[i:i + config.batch_size], tokenizer.pad_token_id)
                     for i in range(0, len(held_out), config.batch_size)]
 
@@ -109,6 +118,8 @@ def _setup(config: TrainConfig, device: torch.device, world: World) -> Training:
     model = prepare_model(config, lora, device, dtype)
     if world.is_main:
         print(hardware.describe_compute(device, dtype))
+        print(f"schedule: {total_steps} optimizer steps, warmup {warmup} "
+              + ("(--warmup-steps, as asked)" if config.warmup_steps is not None else "(5% of the run, at most 150)"))
         if token_ids:
             print(describe_token_rows(model, tokenizer, token_ids))
         print(trainable_report(model))
@@ -120,8 +131,8 @@ def _setup(config: TrainConfig, device: torch.device, world: World) -> Training:
     newline_ids = newline_token_ids(tokenizer) if config.repetition else frozenset()
     return Training(
         config=config, device=device, dtype=dtype, world=world, pad_id=tokenizer.pad_token_id, newline_ids=newline_ids,
-        examples=examples, windows=windows, total_steps=total_steps,
-        warmup=warmup_for(total_steps, config.warmup_steps), eval_batches=eval_batches, dropped=dropped,
+        examples=examples, windows=windows, step_rows=step_rows, total_steps=total_steps,
+        warmup=warmup, eval_batches=eval_batches, dropped=dropped,
         fingerprint=fingerprint, settings=settings, model=model, lora=lora, parameters=parameters,
         optimizer=optimizer, scaler=scaler, start_step=start_step, started=started,
     )
@@ -147,6 +158,16 @@ def _setup_data(config: TrainConfig, tokenizer, world: World) -> tuple[list[dict
 def run_settings(config: TrainConfig, world: World) -> dict:
     """The settings a checkpoint records and a resume must match: the config and the process count."""
     return {**dataclasses.asdict(config), "world_size": world.size}
+
+
+def _looping_rows(training: Training, step: int) -> dict | None:
+    """The step's looping rows, drawn alike on every rank from the whole window (all ranks' examples), so
+    N processes train on the rows one process would; each rank then takes its share (my_share)."""
+    config = training.config
+    window = [training.examples[index] for index in training.step_rows[step]]
+    # The seed names rank 0: a single process draws the rows it drew when each rank drew its own.
+    return looping_batch(window, training.newline_ids, config.max_length, config.repetition_rows,
+                         f"{config.seed}:{step}:0", training.pad_id, config.repetition_from_copy)
 
 
 def _train(training: Training, after_step: Callable[[int], None] | None) -> dict | None:
@@ -191,15 +212,15 @@ def _train(training: Training, after_step: Callable[[int], None] | None) -> dict
             set_learning_rate(optimizer, lr)
             window = [[training.examples[i] for i in micro] for micro in training.windows[step]]
             batches = [collate(examples, training.pad_id) for examples in window]
-            looping = looping_batch([example for examples in window for example in examples], training.newline_ids,
-                                    config.max_length, config.repetition_rows, f"{config.seed}:{step}:{world.rank}",
-                                    training.pad_id, config.repetition_from_copy) if config.repetition else None
-            loss_value, window_tokens, grad_norm, repetition_loss = optimizer_step(
+            looping = my_share(world, _looping_rows(training, step)) if config.repetition else None
+            loss_value, window_tokens, grad_norm, repetition_loss = step_gradients(
                 model, training.parameters, optimizer, training.scaler, batches, device, dtype, config.grad_clip,
                 world, config.unlikelihood, looping, config.repetition)
-            # Every rank's random state after this step, held by all: Ctrl-C can then save without
-            # waiting for the other ranks.
-            completed, rng_after_completed = step + 1, gather(world, rng_state())
+            with interrupts_held():  # the update and the count of completed steps: both or neither
+                apply_update(optimizer, training.scaler)
+                # Every rank's random state after this step, held by all: Ctrl-C can then save without
+                # waiting for the other ranks.
+                completed, rng_after_completed = step + 1, gather(world, rng_state())
 
             seconds = time.time() - step_started
             local_tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
@@ -237,6 +258,6 @@ def _train(training: Training, after_step: Callable[[int], None] | None) -> dict
     summary = summarize(model, history, wall_s, peak_memory_bytes(device), training.dropped,
                         {"epochs": config.epochs, "max_length": config.max_length, "qlora": config.qlora,
                          "processes": world.size, "compute_dtype": hardware.dtype_name(dtype),
-                         "warmup_steps": training.warmup})  # as applied: --warmup-steps capped at 5% of the run
+                         "warmup_steps": training.warmup})
     (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -40,6 +40,15 @@ def learning_rate(step: int, max_lr: float, warmup: int, total: int) -> float:
     return max_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def warmup_for(total_steps: int, requested: int) -> int:
-    """The study's 150 warmup steps were 5% of its run; shorter runs warm up for 5% of theirs."""
-    return max(1, min(requested, math.ceil(0.05 * total_steps)))
+STUDY_WARMUP_STEPS = 150
+
+
+def warmup_for(total_steps: int, requested: int | None) -> int:
+    """Warmup steps: as requested, or (None) 5% of the run, at most the study's 150 (which were 5% of its
+    run). Raises ValueError for a request longer than the run: its learning rate would never peak."""
+    if requested is None:
+        return max(1, min(STUDY_WARMUP_STEPS, math.ceil(0.05 * total_steps)))
+    if requested > total_steps:
+        raise ValueError(f"--warmup-steps {requested} is longer than the run ({total_steps} optimizer steps): "
+                         "its learning rate would never reach --lr")
+    return requested

@@ -4,6 +4,11 @@ the pseudo-repetition loss of a looping batch (training/repetition.py), AdamW wi
 
 from __future__ import annotations
 
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from data.dataset import IGNORE_INDEX
@@ -44,34 +49,84 @@ def accumulate_gradients(model, batches: list[dict], device: torch.device, dtype
     return sum_over_ranks(world, [loss_value])[0], window_tokens
 
 
-def accumulate_repetition_gradients(model, batch: dict, weight: float, device: torch.device, dtype: torch.dtype,
-                                    scaler: torch.amp.GradScaler, world: World = SINGLE_PROCESS) -> float:
+def accumulate_repetition_gradients(model, batch: dict | None, weight: float, device: torch.device,
+                                    dtype: torch.dtype, scaler: torch.amp.GradScaler,
+                                    world: World = SINGLE_PROCESS) -> float | None:
     """Backward of `weight` x the looping batch's DITTO loss averaged per penalized token (over all ranks);
-    returns that mean loss (unweighted)."""
-    batch = on_device(batch, device)
-    with autocast(device, dtype):
-        loss_sum, tokens = repetition_loss_sum(model, batch)
-    total_tokens = max(int(sum_over_ranks(world, [tokens])[0]), 1)
-    scaler.scale(weight * loss_sum / total_tokens).backward()
-    return sum_over_ranks(world, [loss_sum.item()])[0] / total_tokens
+    returns that mean loss (unweighted), None when no rank had a looping row.
+
+    Every rank takes part in the sums, with or without rows of its own: a rank that skipped them would
+    leave the others waiting in the collective for ever."""
+    loss_sum, tokens = torch.zeros(()), 0
+    if batch is not None:
+        batch = on_device(batch, device)
+        with autocast(device, dtype):
+            loss_sum, tokens = repetition_loss_sum(model, batch)
+    total_tokens = int(sum_over_ranks(world, [tokens])[0])
+    if batch is not None and total_tokens:
+        scaler.scale(weight * loss_sum / total_tokens).backward()
+    total_loss = sum_over_ranks(world, [loss_sum.item()])[0]
+    return total_loss / total_tokens if total_tokens else None
 
 
 def optimizer_step(model, parameters: list, optimizer, scaler, batches: list[dict], device: torch.device,
                    dtype: torch.dtype, grad_clip: float, world: World = SINGLE_PROCESS,
                    unlikelihood: float = 0.0, looping: dict | None = None,
                    repetition: float = 0.0) -> tuple[float, int, float, float | None]:
-    """One optimizer step over its micro-batches, plus `repetition` x the DITTO loss of the `looping` batch
-    if given; returns (loss, supervised tokens, gradient norm, DITTO loss or None)."""
+    """One optimizer step over its micro-batches, plus (when `repetition` > 0) `repetition` x the DITTO loss
+    of this rank's `looping` rows, which may be None; returns (loss, supervised tokens, gradient norm, DITTO
+    loss or None). train.py's loop runs its two halves itself, the update with interrupts held."""
+    result = step_gradients(model, parameters, optimizer, scaler, batches, device, dtype, grad_clip, world,
+                            unlikelihood, looping, repetition)
+    apply_update(optimizer, scaler)
+    return result
+
+
+def step_gradients(model, parameters: list, optimizer, scaler, batches: list[dict], device: torch.device,
+                   dtype: torch.dtype, grad_clip: float, world: World = SINGLE_PROCESS,
+                   unlikelihood: float = 0.0, looping: dict | None = None,
+                   repetition: float = 0.0) -> tuple[float, int, float, float | None]:
+    """The first half of optimizer_step: the window's clipped gradient, summed over ranks and unscaled;
+    nothing is updated yet, so an interrupt here loses only this window's work."""
     loss, tokens = accumulate_gradients(model, batches, device, dtype, scaler, world, unlikelihood)
     repetition_loss = (accumulate_repetition_gradients(model, looping, repetition, device, dtype, scaler, world)
-                       if looping is not None else None)
+                       if repetition else None)
     sum_gradients(world, parameters)  # every rank now holds the whole window's gradient
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(parameters, grad_clip).item()
+    return loss, tokens, grad_norm, repetition_loss
+
+
+def apply_update(optimizer, scaler) -> None:
+    """The second half: AdamW's update (skipped by the scaler after an overflow), gradients cleared."""
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return loss, tokens, grad_norm, repetition_loss
+
+
+@contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Ctrl-C (or a `kill`, which train.py turns into one) that arrives inside is raised at the end instead.
+
+    The optimizer's update and the loop's count of completed steps must change together: an interrupt
+    between the two would checkpoint updated weights and AdamW moments under the previous step, and the
+    resumed run would apply that step twice. Only the main thread can handle signals; elsewhere (a
+    benchmark's worker thread) nothing is held."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    held = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    for number, handler in held.items():
+        if handler is signal.default_int_handler:
+            signal.signal(number, lambda received, frame: arrived.append(received))
+    try:
+        yield
+    finally:
+        for number, handler in held.items():
+            signal.signal(number, handler)
+    if arrived:
+        raise KeyboardInterrupt
 
 
 def held_out_losses(model, batches: list[dict], device: torch.device, dtype: torch.dtype,

@@ -64,16 +64,21 @@ def metric(out: Path, name: str) -> list[float]:
     return [m[name] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if name in m]
 
 
-def test_two_processes_at_batch_1_train_like_one_process_at_batch_2(tiny_setup, tmp_path, monkeypatch):  # noqa: F811
+@pytest.mark.parametrize("repetition", [0.0, 1.0], ids=["plain", "one-looping-row"])
+def test_two_processes_at_batch_1_train_like_one_process_at_batch_2(tiny_setup, tmp_path, monkeypatch,  # noqa: F811
+                                                                   repetition):
+    """With one looping row per step (pseudo-repetition), one of the two ranks has none: it must still take
+    part in every collective (or the other waits for ever), and the two must train on the one process's rows."""
     # In float32: in bf16, batches padded to other widths round differently, and AdamW's first steps
     # (about lr x the gradient's sign) turn that into differences as large as the updates.
     monkeypatch.setattr(hardware, "pick_compute_dtype", lambda device: torch.float32)
+    looping = dict(repetition=repetition, repetition_rows=1, repetition_from_copy=2)
     one = tmp_path / "one"
-    loop.run(tiny_config(tiny_setup, one, batch_size=2, dropout=0.0))
+    loop.run(tiny_config(tiny_setup, one, batch_size=2, dropout=0.0, **looping))
     two = tmp_path / "two"
     script = tmp_path / "train_in_float32.py"
     script.write_text(IN_FLOAT32)
-    result = torchrun([str(script)], tiny_config(tiny_setup, two, batch_size=1, dropout=0.0))
+    result = torchrun([str(script)], tiny_config(tiny_setup, two, batch_size=1, dropout=0.0, **looping), timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     single, double = adapter_tensors(one), adapter_tensors(two)
     assert single.keys() == double.keys()
@@ -83,6 +88,9 @@ def test_two_processes_at_batch_1_train_like_one_process_at_batch_2(tiny_setup, 
     assert metric(two, "supervised_tokens") == metric(one, "supervised_tokens")
     assert metric(two, "held_out_loss") == pytest.approx(metric(one, "held_out_loss"), rel=1e-5)  # each row once
     assert result.stdout.count("done: trainable params") == 1  # rank 0 alone reports
+    if repetition:
+        assert len(metric(two, "repetition_loss")) == 6
+        assert metric(two, "repetition_loss") == pytest.approx(metric(one, "repetition_loss"), rel=1e-5)
 
 
 def test_a_killed_two_process_run_resumes_exactly(two_process_run, tiny_setup, tmp_path):  # noqa: F811

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import shutil
 import subprocess
 import sys
@@ -43,10 +44,16 @@ def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_zero():
     assert learning_rate(110, 1e-3, 10, 110) == pytest.approx(0.0, abs=1e-12)
 
 
-def test_warmup_scales_down_for_short_runs():
-    assert warmup_for(3141, 150) == 150  # the study's run
-    assert warmup_for(100, 150) == 5
-    assert warmup_for(3, 150) == 1
+def test_warmup_by_default_is_5_percent_of_the_run_and_at_most_the_study_s_150():
+    assert warmup_for(3141, None) == 150  # the study's run
+    assert warmup_for(100, None) == 5
+    assert warmup_for(3, None) == 1
+
+
+def test_an_explicit_warmup_is_applied_as_asked_and_one_longer_than_the_run_is_refused():
+    assert warmup_for(100, 50) == 50 and warmup_for(100, 0) == 0 and warmup_for(100, 100) == 100
+    with pytest.raises(ValueError, match="--warmup-steps 101 is longer than the run"):
+        warmup_for(100, 101)
 
 
 def test_the_recipe_fills_only_what_the_user_left_to_it():
@@ -186,7 +193,7 @@ def test_run_writes_adapter_metrics_plot_and_summary(tiny_setup, tmp_path):
                  "train_summary.json", "train_config.json", "checkpoint-000006"):
         assert (out / name).exists(), name
     assert summary["steps"] == 6 and math.isfinite(summary["final_train_loss"])
-    assert summary["warmup_steps"] == 1  # the 150 asked for, capped at 5% of 6 steps
+    assert summary["warmup_steps"] == 1  # 5% of 6 steps
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4, 5, 6]
     assert [m["step"] for m in metrics if "held_out_loss" in m] == [0, 3, 6]
@@ -274,6 +281,33 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tiny_setup, tmp_path, comp
     with pytest.raises(TrainError, match="checkpoint at step 3"):
         loop.run(tiny_config(tiny_setup, tmp_path / "interrupted", compile=compile_layers), after_step=interrupt_at(3))
     loop.run(tiny_config(tiny_setup, tmp_path / "interrupted", compile=compile_layers))
+    assert_same_adapter(tmp_path / "straight", tmp_path / "interrupted")
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
+def test_an_interrupt_inside_the_optimizer_s_update_resumes_bit_for_bit(tiny_setup, tmp_path, monkeypatch,
+                                                                        signal_number):
+    """The signal lands after AdamW has updated the weights and its moments and before the loop has counted
+    the step: the checkpoint must hold that step as done, or the resumed run applies it twice."""
+    loop.run(tiny_config(tiny_setup, tmp_path / "straight"))
+    update, updates = torch.optim.AdamW.step, []
+
+    def update_then_interrupt(self, *args, **kwargs):
+        result = update(self, *args, **kwargs)
+        updates.append(len(updates) + 1)
+        if len(updates) == 3:
+            os.kill(os.getpid(), signal_number)
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", update_then_interrupt)
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # as train.py does for `kill`
+    try:
+        with pytest.raises(TrainError, match="checkpoint at step 3"):
+            loop.run(tiny_config(tiny_setup, tmp_path / "interrupted"))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    monkeypatch.undo()
+    loop.run(tiny_config(tiny_setup, tmp_path / "interrupted"))
     assert_same_adapter(tmp_path / "straight", tmp_path / "interrupted")
 
 
@@ -453,6 +487,18 @@ def test_without_held_out_rows_the_held_out_loss_is_not_measured_rather_than_zer
     assert "held-out loss not measured (no held-out rows)" in printed.splitlines()[-1]
     assert not any("held_out_loss" in line for line in (out / "metrics.jsonl").read_text().splitlines())
     assert json.loads((out / "train_summary.json").read_text())["held_out_loss_after"] is None
+
+
+def test_a_warmup_longer_than_the_run_fails_before_the_model_loads_and_a_fitting_one_is_said(capsys, tiny_setup,
+                                                                                              tmp_path):
+    common = ["--model", str(tiny_setup / "model"), "--dataset", str(tiny_setup / "rows.jsonl"), "--max-steps", "4"]
+    code, stderr = run_cli(capsys, *common, "--warmup-steps", "5", "--out", str(tmp_path / "long"))
+    assert code == 2 and stderr.splitlines()[-1] == ("error: --warmup-steps 5 is longer than the run (4 optimizer "
+                                                     "steps): its learning rate would never reach --lr")
+    assert not (tmp_path / "long").exists()
+    assert train.main([*common, "--warmup-steps", "3", "--out", str(tmp_path / "fits")]) == 0
+    assert "schedule: 4 optimizer steps, warmup 3 (--warmup-steps, as asked)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "fits" / "train_summary.json").read_text())["warmup_steps"] == 3
 
 
 def test_bad_dataset_fails_with_one_clear_line(capsys, tiny_setup, tmp_path):
