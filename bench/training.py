@@ -155,12 +155,12 @@ def run_ours(windows: list[Window], pad_id: int, config: TrainConfig, meter: Tra
     torch.manual_seed(config.seed)
     model = prepare_model(config, config.lora_config(), device, dtype)
     model.train()
-    parameters, optimizer, scaler = make_optimizer(model, config, device, dtype)
+    parameters, optimizer = make_optimizer(model, config)
     losses = []
     meter.start()
     for window in windows:
         batches = [collate(micro, pad_id) for micro in window]
-        loss, *_ = optimizer_step(model, parameters, optimizer, scaler, batches, device, dtype,
+        loss, *_ = optimizer_step(model, parameters, optimizer, batches, device, dtype,
                                           config.grad_clip)
         meter.tick()
         losses.append(loss)

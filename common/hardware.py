@@ -42,13 +42,17 @@ def free_memory_bytes(device: torch.device) -> int | None:
 
 
 def pick_compute_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on GPUs that support it, fp16 (to be trained with a GradScaler) on older GPUs. On the CPU,
-    bf16 only where the CPU multiplies bf16 natively (AVX-512 BF16 or AMX, where it is several times
-    faster than fp32); elsewhere (AVX2-only CPUs) torch emulates bf16 matmuls, which is far slower than
-    fp32 (`make bench` prints the matmul rate of both), so fp32."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    """The dtype a run computes in on `device` (compute_dtype)."""
+    native_bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16()
+    return compute_dtype(native_bf16)
+
+
+def compute_dtype(native_bf16: bool) -> torch.dtype:
+    """bf16 where the device computes it natively (GPUs from Ampere on; CPUs with AVX-512 BF16 or AMX,
+    where it is several times faster than fp32), float32 elsewhere. Never fp16: Gemma's activations
+    overflow its range (Gemma's own code refuses it), so a GPU without bf16 (T4, V100) trains in float32;
+    and an AVX2-only CPU emulates bf16 matmuls far slower than fp32 (`make bench` prints both rates)."""
+    return torch.bfloat16 if native_bf16 else torch.float32
 
 
 def cpu_has_native_bf16() -> bool:
@@ -58,8 +62,9 @@ def cpu_has_native_bf16() -> bool:
 def describe_compute(device: torch.device, dtype: torch.dtype) -> str:
     """One log line: where the model runs and in which dtype, and why fp32 on a CPU."""
     line = f"compute: {device}, {dtype_name(dtype)}"
-    if device.type == "cpu" and dtype == torch.float32:
-        line += " (this CPU has no native bf16: AVX-512 BF16 or AMX)"
+    if dtype == torch.float32:
+        line += (" (this GPU has no bf16, and Gemma overflows in fp16)" if device.type == "cuda"
+                 else " (this CPU has no native bf16: AVX-512 BF16 or AMX)")
     return line
 
 

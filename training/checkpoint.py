@@ -1,10 +1,10 @@
-"""Checkpoints that resume a training run bit for bit: the adapter, AdamW's state, the GradScaler,
+"""Checkpoints that resume a training run bit for bit: the adapter, AdamW's state,
 the Python / torch / CUDA random states, the step, the run's settings and a data fingerprint; and
 the choice, at start, between resuming from an output folder and starting it afresh.
 
     out/checkpoint-000025/  adapter_model.safetensors, adapter_config.json (PEFT layout),
                             trainer_state.safetensors (optimizer tensors, torch RNG states),
-                            state.json (step, settings, optimizer groups, scaler, Python RNG)
+                            state.json (step, settings, optimizer groups, Python RNG)
 
 Safetensors and JSON only (no pickle). A checkpoint is written into a temporary folder and renamed
 when complete, so a crash never leaves one that looks finished; only the latest is kept.
@@ -30,7 +30,7 @@ from common.files import atomic_write, first_line, write_folder
 from lora import LoRAConfig, save_adapter
 from lora.adapter import WEIGHTS_NAME, AdapterError, load_adapter_tensors, read_adapter_weights
 
-STATE_KEYS = ("step", "config", "data_fingerprint", "optimizer_param_groups", "grad_scaler", "python_rng")
+STATE_KEYS = ("step", "config", "data_fingerprint", "optimizer_param_groups", "python_rng")
 # Settings that may change between a run and its resumption without changing what is trained (compile
 # and gradient checkpointing change speed and memory, and the float rounding at most: the compiled layers
 # draw the same dropout masks, train_setup.apply_speed_options).
@@ -84,7 +84,7 @@ def data_fingerprint(examples: list[dict], schedule: list[list[int]]) -> str:
     return digest.hexdigest()[:16]
 
 
-def start_or_resume(out: Path, settings: dict, fingerprint: str, model, optimizer, scaler, overwrite: bool,
+def start_or_resume(out: Path, settings: dict, fingerprint: str, model, optimizer, overwrite: bool,
                     rank: int = 0) -> int:
     """Resume from the latest checkpoint in `out`, a folder held by hold_output_folder (state and this
     rank's RNG restored; returns its step), or return 0 for a fresh start: with `overwrite`, older
@@ -105,7 +105,7 @@ def start_or_resume(out: Path, settings: dict, fingerprint: str, model, optimize
     _check_resumable(saved["config"], settings, out)
     if saved["data_fingerprint"] != fingerprint:
         raise CheckpointError(f"the data differs from the run in {out}; use --overwrite to start over, or another --out")
-    step, rng = load_checkpoint(latest, model, optimizer, scaler, rank)
+    step, rng = load_checkpoint(latest, model, optimizer, rank)
     restore_rng_state(rng)
     if rank == 0:
         print(f"resuming from {latest.name} (step {step})")
@@ -143,14 +143,14 @@ def checkpoint_dirs(out: Path) -> list[Path]:
     return sorted(out.glob("checkpoint-[0-9][0-9][0-9][0-9][0-9][0-9]"))
 
 
-def save_checkpoint(out: Path, step: int, model, optimizer, scaler, rngs: list[dict], config: dict,
+def save_checkpoint(out: Path, step: int, model, optimizer, rngs: list[dict], config: dict,
                     lora: LoRAConfig, fingerprint: str) -> None:
     """Write `out/checkpoint-<step>` and remove older ones; `rngs` holds each rank's random state (one
     without torchrun), `config` the run's settings (for the resume check), `fingerprint` its data and order."""
     tensors, groups = _flatten_optimizer_state(optimizer.state_dict())
     state = {
         "step": step, "config": config, "data_fingerprint": fingerprint,
-        "optimizer_param_groups": groups, "grad_scaler": scaler.state_dict(),
+        "optimizer_param_groups": groups,
     }
     for rank, rng in enumerate(rngs):
         prefix, python_key = _rng_names(rank)
@@ -169,8 +169,8 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scaler, rngs: list[d
         shutil.rmtree(older)
 
 
-def load_checkpoint(directory: Path, model, optimizer, scaler, rank: int = 0) -> tuple[int, dict]:
-    """Restore adapter, optimizer and scaler in place; return (step, this rank's RNG state to restore)."""
+def load_checkpoint(directory: Path, model, optimizer, rank: int = 0) -> tuple[int, dict]:
+    """Restore adapter and optimizer in place; return (step, this rank's RNG state to restore)."""
     state = _read_state(directory)
     try:
         load_adapter_tensors(model, read_adapter_weights(directory), str(directory))
@@ -179,7 +179,6 @@ def load_checkpoint(directory: Path, model, optimizer, scaler, rank: int = 0) ->
     try:
         tensors = load_file(directory / "trainer_state.safetensors")
         optimizer.load_state_dict(_unflatten_optimizer_state(tensors, state["optimizer_param_groups"]))
-        scaler.load_state_dict(state["grad_scaler"])
     except (OSError, SafetensorError, KeyError, ValueError) as error:
         raise _damaged(directory, error, "trainer_state.safetensors") from None
     prefix, python_key = _rng_names(rank)

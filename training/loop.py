@@ -84,7 +84,6 @@ class Training:
     lora: LoRAConfig
     parameters: list[torch.Tensor]
     optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
     start_step: int
     started: float
 
@@ -123,10 +122,10 @@ def _setup(config: TrainConfig, device: torch.device, world: World) -> Training:
         if token_ids:
             print(describe_token_rows(model, tokenizer, token_ids))
         print(trainable_report(model))
-    parameters, optimizer, scaler = make_optimizer(model, config, device, dtype)
+    parameters, optimizer = make_optimizer(model, config)
     fingerprint = data_fingerprint(examples, schedule)
     settings = run_settings(config, world)
-    start_step = start_or_resume(Path(config.out), settings, fingerprint, model, optimizer, scaler,
+    start_step = start_or_resume(Path(config.out), settings, fingerprint, model, optimizer,
                                  config.overwrite, world.rank)
     newline_ids = newline_token_ids(tokenizer) if config.repetition else frozenset()
     return Training(
@@ -134,7 +133,7 @@ def _setup(config: TrainConfig, device: torch.device, world: World) -> Training:
         examples=examples, windows=windows, step_rows=step_rows, total_steps=total_steps,
         warmup=warmup, eval_batches=eval_batches, dropped=dropped,
         fingerprint=fingerprint, settings=settings, model=model, lora=lora, parameters=parameters,
-        optimizer=optimizer, scaler=scaler, start_step=start_step, started=started,
+        optimizer=optimizer, start_step=start_step, started=started,
     )
 
 
@@ -199,7 +198,7 @@ def _train(training: Training, after_step: Callable[[int], None] | None) -> dict
 
     def save(step: int, rng: list[dict]) -> None:
         if world.is_main:
-            save_checkpoint(out, step, model, optimizer, training.scaler, rng, settings, training.lora,
+            save_checkpoint(out, step, model, optimizer, rng, settings, training.lora,
                             training.fingerprint)
 
     completed, rng_after_completed = training.start_step, gather(world, rng_state())
@@ -214,10 +213,10 @@ def _train(training: Training, after_step: Callable[[int], None] | None) -> dict
             batches = [collate(examples, training.pad_id) for examples in window]
             looping = my_share(world, _looping_rows(training, step)) if config.repetition else None
             loss_value, window_tokens, grad_norm, repetition_loss = step_gradients(
-                model, training.parameters, optimizer, training.scaler, batches, device, dtype, config.grad_clip,
+                model, training.parameters, batches, device, dtype, config.grad_clip,
                 world, config.unlikelihood, looping, config.repetition)
             with interrupts_held():  # the update and the count of completed steps: both or neither
-                apply_update(optimizer, training.scaler)
+                apply_update(optimizer)
                 # Every rank's random state after this step, held by all: Ctrl-C can then save without
                 # waiting for the other ranks.
                 completed, rng_after_completed = step + 1, gather(world, rng_state())

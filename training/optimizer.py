@@ -9,9 +9,9 @@ import torch
 from lora import token_rows
 
 
-def make_optimizer(model, config, device: torch.device, dtype: torch.dtype):
-    """(trainable parameters, AdamW over them, GradScaler: active only for float16); `config` is a
-    TrainConfig (lr, weight_decay, token_lr_scale).
+def make_optimizer(model, config):
+    """(trainable parameters, AdamW over them); `config` is a TrainConfig (lr, weight_decay, token_lr_scale).
+    No loss scaler: the compute dtype is bf16 or float32 (common/hardware.py), never float16.
 
     LoRA matrices and trainable token rows are separate groups, each with an `lr_scale` that the
     schedule's rate is multiplied by. Token rows get no weight decay: they are whole rows, not
@@ -24,7 +24,7 @@ def make_optimizer(model, config, device: torch.device, dtype: torch.dtype):
     if rows:
         groups.append({"params": rows, "weight_decay": 0.0, "lr_scale": config.token_lr_scale})
     optimizer = torch.optim.AdamW(groups, lr=config.lr)
-    return lora + rows, optimizer, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    return lora + rows, optimizer
 
 
 def set_learning_rate(optimizer, lr: float) -> None:

@@ -27,8 +27,7 @@ def on_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 def accumulate_gradients(model, batches: list[dict], device: torch.device, dtype: torch.dtype,
-                         scaler: torch.amp.GradScaler, world: World = SINGLE_PROCESS,
-                         unlikelihood: float = 0.0) -> tuple[float, int]:
+                         world: World = SINGLE_PROCESS, unlikelihood: float = 0.0) -> tuple[float, int]:
     """Backward over this rank's micro-batches of one optimizer step; returns (window loss, supervised
     tokens), both over the whole window (all ranks).
 
@@ -44,14 +43,13 @@ def accumulate_gradients(model, batches: list[dict], device: torch.device, dtype
         batch = on_device(batch, device)
         with autocast(device, dtype):
             loss = supervised_loss_sum(model, batch, unlikelihood) / window_tokens
-        scaler.scale(loss).backward()
+        loss.backward()
         loss_value += loss.item()
     return sum_over_ranks(world, [loss_value])[0], window_tokens
 
 
 def accumulate_repetition_gradients(model, batch: dict | None, weight: float, device: torch.device,
-                                    dtype: torch.dtype, scaler: torch.amp.GradScaler,
-                                    world: World = SINGLE_PROCESS) -> float | None:
+                                    dtype: torch.dtype, world: World = SINGLE_PROCESS) -> float | None:
     """Backward of `weight` x the looping batch's DITTO loss averaged per penalized token (over all ranks);
     returns that mean loss (unweighted), None when no rank had a looping row.
 
@@ -64,43 +62,41 @@ def accumulate_repetition_gradients(model, batch: dict | None, weight: float, de
             loss_sum, tokens = repetition_loss_sum(model, batch)
     total_tokens = int(sum_over_ranks(world, [tokens])[0])
     if batch is not None and total_tokens:
-        scaler.scale(weight * loss_sum / total_tokens).backward()
+        (weight * loss_sum / total_tokens).backward()
     total_loss = sum_over_ranks(world, [loss_sum.item()])[0]
     return total_loss / total_tokens if total_tokens else None
 
 
-def optimizer_step(model, parameters: list, optimizer, scaler, batches: list[dict], device: torch.device,
+def optimizer_step(model, parameters: list, optimizer, batches: list[dict], device: torch.device,
                    dtype: torch.dtype, grad_clip: float, world: World = SINGLE_PROCESS,
                    unlikelihood: float = 0.0, looping: dict | None = None,
                    repetition: float = 0.0) -> tuple[float, int, float, float | None]:
     """One optimizer step over its micro-batches, plus (when `repetition` > 0) `repetition` x the DITTO loss
     of this rank's `looping` rows, which may be None; returns (loss, supervised tokens, gradient norm, DITTO
     loss or None). train.py's loop runs its two halves itself, the update with interrupts held."""
-    result = step_gradients(model, parameters, optimizer, scaler, batches, device, dtype, grad_clip, world,
-                            unlikelihood, looping, repetition)
-    apply_update(optimizer, scaler)
+    result = step_gradients(model, parameters, batches, device, dtype, grad_clip, world, unlikelihood, looping,
+                            repetition)
+    apply_update(optimizer)
     return result
 
 
-def step_gradients(model, parameters: list, optimizer, scaler, batches: list[dict], device: torch.device,
+def step_gradients(model, parameters: list, batches: list[dict], device: torch.device,
                    dtype: torch.dtype, grad_clip: float, world: World = SINGLE_PROCESS,
                    unlikelihood: float = 0.0, looping: dict | None = None,
                    repetition: float = 0.0) -> tuple[float, int, float, float | None]:
-    """The first half of optimizer_step: the window's clipped gradient, summed over ranks and unscaled;
-    nothing is updated yet, so an interrupt here loses only this window's work."""
-    loss, tokens = accumulate_gradients(model, batches, device, dtype, scaler, world, unlikelihood)
-    repetition_loss = (accumulate_repetition_gradients(model, looping, repetition, device, dtype, scaler, world)
+    """The first half of optimizer_step: the window's clipped gradient, summed over ranks; nothing is
+    updated yet, so an interrupt here loses only this window's work."""
+    loss, tokens = accumulate_gradients(model, batches, device, dtype, world, unlikelihood)
+    repetition_loss = (accumulate_repetition_gradients(model, looping, repetition, device, dtype, world)
                        if repetition else None)
     sum_gradients(world, parameters)  # every rank now holds the whole window's gradient
-    scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(parameters, grad_clip).item()
     return loss, tokens, grad_norm, repetition_loss
 
 
-def apply_update(optimizer, scaler) -> None:
-    """The second half: AdamW's update (skipped by the scaler after an overflow), gradients cleared."""
-    scaler.step(optimizer)
-    scaler.update()
+def apply_update(optimizer) -> None:
+    """The second half: AdamW's update, gradients cleared."""
+    optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
 

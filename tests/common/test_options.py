@@ -62,6 +62,16 @@ def test_the_cpu_computes_in_bf16_only_where_it_multiplies_bf16_natively(monkeyp
     assert ("no native bf16" in hardware.describe_compute(cpu, expected)) == (expected == torch.float32)
 
 
+@pytest.mark.parametrize("bf16, expected", [(False, torch.float32), (True, torch.bfloat16)], ids=["T4-V100", "A100-H200"])
+def test_a_gpu_without_bf16_computes_in_float32_never_fp16(monkeypatch, bf16, expected):
+    """fp16 overflows Gemma's activations: a GPU without bf16 trains in float32, by the same rule as the CPU."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+    gpu = torch.device("cuda")
+    assert hardware.pick_compute_dtype(gpu) == expected
+    line = hardware.describe_compute(gpu, expected)
+    assert ("this GPU has no bf16, and Gemma overflows in fp16" in line) == (expected == torch.float32)
+
+
 @pytest.mark.parametrize("offline", [False, True])
 @pytest.mark.parametrize("name, message", [
     ("/no/such/folder", "neither a local model folder nor a model on the Hugging Face Hub"),

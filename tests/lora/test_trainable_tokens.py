@@ -122,7 +122,7 @@ def test_training_changes_only_the_chosen_rows(kind):
     inject_lora(model, LoRAConfig(rank=4, alpha=8.0, dropout=0.0))
     inject_trainable_tokens(model, TOKEN_IDS)
     settings = TrainConfig(lr=1e-2, token_lr_scale=2.0)
-    parameters, optimizer, scaler = make_optimizer(model, settings, torch.device("cpu"), torch.float32)
+    parameters, optimizer = make_optimizer(model, settings)
     assert [group["lr_scale"] for group in optimizer.param_groups] == [1.0, 2.0]
     assert optimizer.param_groups[1]["weight_decay"] == 0.0
     set_learning_rate(optimizer, 1e-2)
@@ -131,7 +131,7 @@ def test_training_changes_only_the_chosen_rows(kind):
     ids = tokenizer(text).input_ids
     batch = collate([{"input_ids": ids, "labels": ids}], tokenizer.pad_token_id)
     for _ in range(3):
-        optimizer_step(model, parameters, optimizer, scaler, [batch], torch.device("cpu"), torch.float32, 1.0)
+        optimizer_step(model, parameters, optimizer, [batch], torch.device("cpu"), torch.float32, 1.0)
     assert torch.equal(model.get_input_embeddings().weight, original), "the base table stays frozen"
     merge_token_rows(model)
     changed = (model.get_input_embeddings().weight != original).any(dim=1).nonzero().flatten().tolist()

@@ -105,8 +105,7 @@ def test_accumulation_4x4_gives_the_same_gradient_as_16x1():
             if ".lora_B." in layer_name:
                 torch.nn.init.normal_(parameter, std=0.1, generator=torch.Generator().manual_seed(1))
         batches = [collate(examples[i:i + micro_batch], tokenizer.pad_token_id) for i in range(0, 16, micro_batch)]
-        scaler = torch.amp.GradScaler("cpu", enabled=False)
-        accumulate_gradients(model, batches, torch.device("cpu"), torch.float32, scaler)
+        accumulate_gradients(model, batches, torch.device("cpu"), torch.float32)
         gradients.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     assert gradients[0].keys() == gradients[1].keys()
     for name in gradients[0]:
@@ -130,9 +129,8 @@ def window_gradients(kind: str, compile_layers: bool = False, checkpoint_layers:
     apply_speed_options(model, compile_layers, checkpoint_layers)
     model.train()
     batches = [collate(examples[i:i + 2], tokenizer.pad_token_id) for i in (0, 2)]
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
     torch.manual_seed(0)
-    loss, _ = accumulate_gradients(model, batches, torch.device("cpu"), torch.float32, scaler)
+    loss, _ = accumulate_gradients(model, batches, torch.device("cpu"), torch.float32)
     compiled = sum(layer._compiled_call_impl is not None for layer in model.model.layers)
     return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, (len(calls), compiled)
 
