@@ -11,7 +11,9 @@ max_tokens, temperature, top_p, stop, seed, stream with server-sent events), GET
 Decoding is greedy unless temperature > 0, and max_tokens defaults to 512, as in generate.py (not
 OpenAI's defaults). A chat answer's message also carries `code`, the Python extracted from it.
 
-Requests that arrive together are generated together, per model (serving/batcher.py). Each adapter gets its own
+Requests that arrive together are generated together, per model (serving/batcher.py). Each request is
+bounded (--max-tokens-limit, --max-prompt-tokens, --max-body-bytes: errors in OpenAI's shape); a client that
+goes away frees its row; /health answers 503 if the batch worker has stopped. Each adapter gets its own
 copy of the base model (a QLoRA one on its NF4 base), so serving n adapters takes n + 1 models' memory.
 """
 
@@ -29,7 +31,7 @@ from common.options import COUNT, DEVICE, ranged
 from gemma.loading import ModelLoadError, add_model_option
 from lora import AdapterError, read_adapter_config
 from lora.adapter import adapter_folders
-from serving.app import BASE, Server, create_app, http_server, listen, load_generators
+from serving.app import BASE, Server, ServerLimits, create_app, http_server, listen, load_generators
 from serving.batcher import BatchScheduler
 
 
@@ -65,7 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            http_server(create_app(Server(scheduler))).run(sockets=[sock])
+            limits = ServerLimits(args.max_tokens_limit, args.max_prompt_tokens, args.max_body_bytes)
+            http_server(create_app(Server(scheduler, limits))).run(sockets=[sock])
     finally:
         scheduler.stop()
     print("stopped", file=sys.stderr)
@@ -85,6 +88,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-batch", type=COUNT, default=16, help="requests generated together (default: %(default)s)")
     parser.add_argument("--max-queue", type=COUNT, default=64,
                         help="requests that may wait; more get HTTP 429 (default: %(default)s)")
+    limits = ServerLimits()
+    parser.add_argument("--max-tokens-limit", type=COUNT, default=limits.max_tokens,
+                        help="the largest max_tokens a request may ask for; more get HTTP 400 (default: %(default)s)")
+    parser.add_argument("--max-prompt-tokens", type=COUNT, default=limits.max_prompt_tokens,
+                        help="the longest prompt, in tokens; longer get HTTP 400 (default: %(default)s)")
+    parser.add_argument("--max-body-bytes", type=COUNT, default=limits.max_body_bytes,
+                        help="the largest request body; larger get HTTP 413 (default: %(default)s)")
     parser.add_argument("--device", type=DEVICE, help="cpu, cuda or cuda:N (default: cuda when available)")
     return parser
 

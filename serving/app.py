@@ -1,6 +1,9 @@
-"""The OpenAI-compatible HTTP app: request validation, the completion and chat endpoints (streamed
-with server-sent events or not), /v1/models and /health, over a BatchScheduler that generates requests
-arriving together as one batch, per model."""
+"""The OpenAI-compatible HTTP app: request validation and limits, the completion and chat endpoints
+(streamed with server-sent events or not), /v1/models and /health, over a BatchScheduler that generates
+requests arriving together as one batch, per model.
+
+One slow request must not hold the server: a request's body, prompt and max_tokens are bounded (ServerLimits),
+prompts are tokenized off the event loop, and a client that goes away, streaming or not, frees its row."""
 
 from __future__ import annotations
 
@@ -10,7 +13,9 @@ import json
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -21,10 +26,20 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gemma.chat_format import conversation, extract_code
 from gemma.generation import Completion, GenerationSettings, Generator
-from serving.batcher import BatchScheduler, Job, QueueFull
+from serving.batcher import BatchScheduler, Job, QueueFull, WorkerStopped
 
 BASE = "base"
 DEFAULT_MAX_TOKENS = GenerationSettings.max_new_tokens
+DISCONNECT_POLL_S = 0.25
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """The most one request may ask for (serve.py's --max-tokens-limit, --max-prompt-tokens, --max-body-bytes)."""
+
+    max_tokens: int = 2048  # new tokens per answer
+    max_prompt_tokens: int = 4096  # per prompt
+    max_body_bytes: int = 1 << 20
 
 # ---------------------------------------------------------------------------------------------
 # Requests (anything OpenAI's clients send that we do not use is ignored)
@@ -37,7 +52,7 @@ class _Request(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63)
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
 
@@ -98,23 +113,37 @@ def error_response(message: str, status: int, kind: str = "invalid_request_error
 
 
 class Server:
-    """The models, the batch scheduler and a tokenizer of the server's own for counting prompt tokens
-    (the worker thread's one is busy generating)."""
+    """The models, the batch scheduler, the limits, and a tokenizer of the server's own for counting prompt
+    tokens (the worker thread's one is busy generating), used by one thread off the event loop."""
 
-    def __init__(self, scheduler: BatchScheduler):
-        self.scheduler = scheduler
+    def __init__(self, scheduler: BatchScheduler, limits: ServerLimits = ServerLimits()):
+        self.scheduler, self.limits = scheduler, limits
         any_generator = next(iter(scheduler.generators.values()))
         self.tokenizer = copy.deepcopy(any_generator.tokenizer)
         self.context = any_generator.model.config.get_text_config().max_position_embeddings
+        self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix="tokenizer")
 
-    def plan(self, request: _Request, prompts: list[str]) -> tuple[GenerationSettings, int]:
-        """Check a request against the models and their context; its generation settings and the
+    async def plan(self, request: _Request, prompts: list[str]) -> tuple[GenerationSettings, int]:
+        """plan_now, in the tokenizing thread: a long prompt must not stall the other requests."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, self.plan_now, request, prompts)
+
+    def plan_now(self, request: _Request, prompts: list[str]) -> tuple[GenerationSettings, int]:
+        """Check a request against the models, the limits and the context; its generation settings and the
         prompts' tokens in all. Without max_tokens an answer may take 512 tokens, or what the context has left."""
         if request.model not in self.scheduler.generators:
             raise BadRequest(f"model {request.model!r} does not exist; this server has "
                              f"{', '.join(self.scheduler.generators)}", 404, code="model_not_found")
         request.stop_strings()
+        asked = request.token_limit()
+        if asked is not None and asked > self.limits.max_tokens:
+            raise BadRequest(f"max_tokens {asked} is more than this server allows ({self.limits.max_tokens})")
+        # A prompt of more characters than the limit has tokens cannot be measured cheaply: refused uncounted.
+        if any(len(prompt) > 16 * self.limits.max_prompt_tokens for prompt in prompts):
+            raise BadRequest(f"a prompt is longer than this server allows ({self.limits.max_prompt_tokens} tokens)")
         counts = [len(self.tokenizer(prompt).input_ids) for prompt in prompts]
+        if max(counts) > self.limits.max_prompt_tokens:
+            raise BadRequest(f"the prompt is {max(counts)} tokens, more than this server allows "
+                             f"({self.limits.max_prompt_tokens})")
         room = self.context - max(counts)
         limit = request.token_limit() or min(DEFAULT_MAX_TOKENS, room)
         if limit > room or room < 1:
@@ -124,9 +153,10 @@ class Server:
                                       seed=request.seed)
         return settings, sum(counts)
 
-    async def run(self, request: _Request, prompts: list[str], settings: GenerationSettings,
-                  stream: bool) -> list[Completion] | AsyncIterator:
-        """Queue one job per prompt; the completions, or (stream) an iterator of (index, text | Completion)."""
+    async def run(self, request: _Request, prompts: list[str], settings: GenerationSettings, stream: bool,
+                  client_gone: Callable[[], Awaitable[bool]]) -> list[Completion] | AsyncIterator:
+        """Queue one job per prompt; the completions, or (stream) an iterator of (index, text | Completion).
+        A client that goes away (`client_gone`) before its answers are complete cancels their rows."""
         stop = request.stop_strings()
         loop = asyncio.get_running_loop()
         if stream:
@@ -143,8 +173,10 @@ class Server:
             self.scheduler.submit(jobs)
         except QueueFull as error:
             raise BadRequest(str(error), 429, "rate_limit_error") from None
+        except WorkerStopped as error:
+            raise BadRequest(str(error), 503, "server_error") from None
         if not stream:
-            return list(await asyncio.gather(*futures))
+            return await _results_unless_gone(futures, jobs, client_gone)
         return _events(events, jobs)
 
 
@@ -165,6 +197,20 @@ def _resolver(future: asyncio.Future):
         else:
             future.set_result(result)
     return resolve
+
+
+async def _results_unless_gone(futures: list[asyncio.Future], jobs: list[Job],
+                               client_gone: Callable[[], Awaitable[bool]]) -> list[Completion]:
+    """The jobs' completions; if the client goes away first, its jobs are cancelled (their rows end at the
+    next step) and nobody is left to answer."""
+    pending = set(futures)
+    while pending:
+        _, pending = await asyncio.wait(pending, timeout=DISCONNECT_POLL_S)
+        if pending and await client_gone():
+            for job in jobs:
+                job.cancelled = True
+            raise BadRequest("the client closed the connection", 499)
+    return [future.result() for future in futures]
 
 
 async def _events(events: asyncio.Queue, jobs: list[Job]) -> AsyncIterator:
@@ -194,6 +240,10 @@ def create_app(server: Server) -> FastAPI:
         where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
         return error_response(f"{where}: {first.get('msg')}" if where else str(first.get("msg")), 400)
 
+    @app.exception_handler(WorkerStopped)
+    async def worker_stopped(_: Request, error: WorkerStopped) -> JSONResponse:
+        return error_response(str(error), 503, "server_error")
+
     @app.exception_handler(BadRequest)
     async def bad_request(_: Request, error: BadRequest) -> JSONResponse:
         return error_response(str(error), error.status, error.kind, error.code)
@@ -203,11 +253,13 @@ def create_app(server: Server) -> FastAPI:
         return error_response(f"generation failed: {type(error).__name__}: {error}", 500, "server_error")
 
     @app.get("/health")
-    async def health() -> dict:
+    async def health():
         stats = server.scheduler.stats
-        return {"status": "ok", "models": list(server.scheduler.generators), "queued": server.scheduler.queued(),
-                "batches": stats.batches, "requests": stats.jobs, "largest_batch": stats.largest_batch,
-                "new_tokens": stats.new_tokens, "cancelled": stats.cancelled}
+        alive = not server.scheduler.worker_stopped()
+        body = {"status": "ok" if alive else "the batch worker has stopped", "models": list(server.scheduler.generators),
+                "queued": server.scheduler.queued(), "batches": stats.batches, "requests": stats.jobs,
+                "largest_batch": stats.largest_batch, "new_tokens": stats.new_tokens, "cancelled": stats.cancelled}
+        return body if alive else JSONResponse(body, status_code=503)
 
     @app.get("/v1/models")
     async def list_models() -> dict:
@@ -215,29 +267,51 @@ def create_app(server: Server) -> FastAPI:
                                            for name in server.scheduler.generators]}
 
     @app.post("/v1/completions")
-    async def completions(request: CompletionRequest):
-        return await _answer(server, request, request.prompts(), chat=False)
+    async def completions(request: CompletionRequest, http: Request):
+        return await _answer(server, request, request.prompts(), chat=False, client_gone=http.is_disconnected)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: ChatRequest):
+    async def chat_completions(request: ChatRequest, http: Request):
         try:
             prompt = conversation([(message.role, message.text()) for message in request.messages])
         except ValueError as error:
             raise BadRequest(f"messages: {error}") from None
-        return await _answer(server, request, [prompt], chat=True)
+        return await _answer(server, request, [prompt], chat=True, client_gone=http.is_disconnected)
 
+    app.add_middleware(_BodyLimit, limit=server.limits.max_body_bytes)
     return app
 
 
-async def _answer(server: Server, request: _Request, prompts: list[str], chat: bool):
-    settings, prompt_tokens = server.plan(request, prompts)
+class _BodyLimit:
+    """Refuses a request whose declared body is over `limit` bytes (413) or undeclared (411) before it is
+    read: every client we know of sends Content-Length, and the HTTP server holds a body to it."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
+            length = dict(scope["headers"]).get(b"content-length")
+            refusal = None
+            if length is None:
+                refusal = error_response("the request needs a Content-Length header", 411)
+            elif not length.isdigit() or int(length) > self.limit:
+                refusal = error_response(f"the request body is larger than this server allows ({self.limit} bytes)", 413)
+            if refusal is not None:
+                return await refusal(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+async def _answer(server: Server, request: _Request, prompts: list[str], chat: bool,
+                  client_gone: Callable[[], Awaitable[bool]]):
+    settings, prompt_tokens = await server.plan(request, prompts)
     max_tokens = settings.max_new_tokens
     head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
             "model": request.model}
     if request.stream:
-        events = await server.run(request, prompts, settings, stream=True)
+        events = await server.run(request, prompts, settings, True, client_gone)
         return StreamingResponse(_sse(events, head, max_tokens, chat), media_type="text/event-stream")
-    results = await server.run(request, prompts, settings, stream=False)
+    results = await server.run(request, prompts, settings, False, client_gone)
     choices = [_choice(index, completion, max_tokens, chat) for index, completion in enumerate(results)]
     completion_tokens = sum(completion.new_tokens for completion in results)
     return {**head, "object": "chat.completion" if chat else "text_completion", "choices": choices,

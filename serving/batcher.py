@@ -28,6 +28,10 @@ class QueueFull(RuntimeError):
     """Too many jobs are waiting; the message is one line for the client."""
 
 
+class WorkerStopped(RuntimeError):
+    """The batch worker is not running (it died, or the server is stopping): nothing would answer."""
+
+
 @dataclass(eq=False)
 class Job:
     model: str
@@ -76,9 +80,16 @@ class BatchScheduler:
     def queued(self) -> int:
         return len(self._queue)
 
+    def worker_stopped(self) -> bool:
+        """The worker was started and is gone (it died, or stop() ended it)."""
+        return self._thread.ident is not None and not self._thread.is_alive()
+
     def submit(self, jobs: list[Job]) -> None:
-        """Queue jobs (all or none). Raises QueueFull when they would pass the bound."""
+        """Queue jobs (all or none). Raises WorkerStopped when no worker would take them, QueueFull when
+        they would pass the bound."""
         with self._wakeup:
+            if self.worker_stopped():
+                raise WorkerStopped("the server's batch worker has stopped; it answers no more requests")
             if len(self._queue) + len(jobs) > self.max_queued:
                 raise QueueFull(f"the server is busy: {len(self._queue)} requests are waiting "
                                 f"(at most {self.max_queued}); retry later")
@@ -86,15 +97,17 @@ class BatchScheduler:
             self._wakeup.notify()
 
     def _run(self) -> None:
-        while True:
-            batch = self._next_batch()
-            if batch is None:
-                return
-            try:
+        """Batches until stopped. Whatever ends the worker otherwise, the jobs still waiting get an error
+        rather than no answer at all."""
+        try:
+            while (batch := self._next_batch()) is not None:
                 if batch:
                     self._generate(batch)
-            except Exception as error:  # noqa: BLE001  (a callback that fails must not stop the worker)
-                print(f"batch worker: {type(error).__name__}: {error}", file=sys.stderr)
+        finally:
+            with self._wakeup:
+                left, self._queue = list(self._queue), deque()
+            for job in left:
+                _deliver(job, WorkerStopped("the server's batch worker has stopped"))
 
     def _next_batch(self) -> list[Job] | None:
         """The oldest live job and the queued jobs that can join it; None once stopping."""
@@ -126,8 +139,12 @@ class BatchScheduler:
                                                    streamer, _Cancelled(batch))
         except Exception as error:  # noqa: BLE001  (each client gets the error; the server goes on)
             for job in batch:
-                job.on_done(error)
+                _deliver(job, error)
             return
+        except BaseException as error:  # the worker is ending: its clients hear of it before it goes
+            for job in batch:
+                _deliver(job, WorkerStopped(f"the server's batch worker has stopped ({type(error).__name__})"))
+            raise
         self.stats.batches += 1
         self.stats.jobs += len(batch)
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
@@ -136,7 +153,15 @@ class BatchScheduler:
         for job, feed, completion in zip(batch, feeds, completions):
             if feed:
                 feed.finish(completion.text)
-            job.on_done(completion)
+            _deliver(job, completion)
+
+
+def _deliver(job: Job, result: Completion | BaseException) -> None:
+    """Hand a job its result; a callback that fails is logged, and never keeps the others' from being called."""
+    try:
+        job.on_done(result)
+    except Exception as error:  # noqa: BLE001
+        print(f"batch worker: a request's callback failed: {type(error).__name__}: {error}", file=sys.stderr)
 
 
 class _Cancelled(StoppingCriteria):
@@ -168,29 +193,56 @@ class _RowStreamer(BaseStreamer):
 
 @dataclass
 class _TextFeed:
-    """Turns a row's tokens into text pieces for a streaming job. Text that may still change is held
-    back: a trailing incomplete character, and an ending that could be the start of a stop string."""
+    """Turns a row's tokens into text pieces for a streaming job, decoding only the newest tokens (with a
+    few before them, so that a word's leading space comes out right) rather than the whole answer again at
+    every token. Text that may still change is held back: a character whose bytes are still coming, and an
+    ending that could be the start of a stop string."""
 
     generator: Generator
     job: Job
     ids: list[int] = field(default_factory=list)
+    text: str = ""  # the answer's text so far, cut at a stop string once one appears
     sent: int = 0
+    prefix: int = 0  # ids[prefix:read] are the context that the newest tokens are decoded with
+    read: int = 0
+    ended: bool = False
 
     def push(self, token: int) -> None:
+        if self.ended:
+            return
+        if token in self.generator.stop_ids or token == self.generator.pad_id:
+            self.ended = True  # what follows a stop token is padding
+            return
         self.ids.append(token)
-        text = self.generator.to_completion(self.ids, self.job.stop).text
-        self._send(text[:len(text) - self._held_back(text)])
+        decode = self.generator.tokenizer.decode
+        context = decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
+        newest = decode(self.ids[self.prefix:], skip_special_tokens=True)
+        if len(newest) <= len(context) or newest.endswith("\ufffd"):  # nothing new, or half a character
+            return
+        self.text += newest[len(context):]
+        self.prefix, self.read = self.read, len(self.ids)
+        self._cut_at_stop(len(newest) - len(context))
+        self._send(self.text if self.ended else self.text[:len(self.text) - self._held_back(self.text)])
 
     def finish(self, text: str) -> None:
         self._send(text)
 
+    def _cut_at_stop(self, added: int) -> None:
+        """End the text at the first stop string, looking only where the newest characters could complete one."""
+        longest = max(map(len, self.job.stop), default=0)
+        window = max(0, len(self.text) - added - longest)
+        found = [position for stop in self.job.stop if (position := self.text.find(stop, window)) >= 0]
+        if found:
+            self.text, self.ended = self.text[:min(found)], True
+
     def _send(self, text: str) -> None:
         if len(text) > self.sent:
-            self.job.on_text(text[self.sent:])
+            try:
+                self.job.on_text(text[self.sent:])
+            except Exception as error:  # noqa: BLE001  (one client's failure is not the batch's)
+                print(f"batch worker: a stream's callback failed: {type(error).__name__}: {error}", file=sys.stderr)
             self.sent = len(text)
 
     def _held_back(self, text: str) -> int:
-        if text.endswith("\ufffd"):  # a character whose bytes are still coming
-            return 1
         return max((size for stop in self.job.stop for size in range(1, len(stop))
                     if text.endswith(stop[:size])), default=0)

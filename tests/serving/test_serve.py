@@ -51,12 +51,14 @@ def model_and_adapters(tmp_path_factory):
 class Running:
     """A server on a free port in a thread, stopped at teardown."""
 
-    def __init__(self, generators: dict[str, Generator], **scheduler_options):
+    def __init__(self, generators: dict[str, Generator], limits: app.ServerLimits = app.ServerLimits(),
+                 **scheduler_options):
         self.scheduler = BatchScheduler(generators, **scheduler_options)
         self.scheduler.start()
         sock = app.listen("127.0.0.1", 0)
         self.port = sock.getsockname()[1]
-        self.http = app.http_server(app.create_app(app.Server(self.scheduler)), log_level="warning")
+        self.server = app.Server(self.scheduler, limits)
+        self.http = app.http_server(app.create_app(self.server), log_level="warning")
         self.thread = threading.Thread(target=self.http.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         while not self.http.started:
@@ -71,9 +73,10 @@ class Running:
     def health(self) -> dict:
         return self.request("GET", "/health")[1]
 
-    def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, dict]:
+    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
+                ) -> tuple[int, dict]:
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        connection.request(method, path, body=body, headers={"Content-Type": "application/json"})
+        connection.request(method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
         response = connection.getresponse()
         return response.status, json.loads(response.read())
 
@@ -179,6 +182,9 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server, ge
     (b'{"model": "base", "messages": [{"role": "user", "content": "x"}], "top_p": 5}', 400, "top_p"),
     (b'{"model": "base", "messages": [{"role": "user", "content": "x"}], "stop": ["a","b","c","d","e"]}', 400,
      "at most 4"),
+    (b'{"model": "base", "messages": [{"role": "user", "content": "x"}], "seed": 1180591620717411303424}', 400,
+     "seed"),
+    (b'{"model": "base", "messages": [{"role": "user", "content": "x"}], "seed": -1}', 400, "seed"),
 ])
 def test_bad_requests_get_a_json_error_not_a_crash(server, body, status, message):
     code, answer = server.request("POST", "/v1/chat/completions", body)
@@ -244,3 +250,130 @@ def test_a_port_in_use_is_one_line_and_exit_2(model_and_adapters, capsys):
     assert serve.main(["--model", str(folder), "--outputs", "/nowhere", "--port", str(port)]) == 2
     assert f"serve.py: error: cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
     taken.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Limits and faults
+
+
+@pytest.fixture(scope="module")
+def limited(generators):
+    running = Running(generators, app.ServerLimits(max_tokens=40, max_prompt_tokens=30, max_body_bytes=600))
+    yield running
+    running.stop()
+
+
+def chat_body(content: str, **options) -> bytes:
+    return json.dumps({"model": "base", "messages": [{"role": "user", "content": content}], **options}).encode()
+
+
+@pytest.mark.parametrize("body, headers, status, message", [
+    (chat_body("x", max_tokens=41), {}, 400, "max_tokens 41 is more than this server allows (40)"),
+    (chat_body("y" * 100), {}, 400, "more than this server allows (30)"),
+    (chat_body("z" * 600), {}, 413, "larger than this server allows (600 bytes)"),
+    (chat_body("x"), {"Transfer-Encoding": "chunked"}, 411, "needs a Content-Length"),
+])
+def test_each_limit_is_a_4xx_in_openai_s_error_shape(limited, body, headers, status, message):
+    if "Transfer-Encoding" in headers:  # http.client then sends the body in chunks, without a length
+        connection = http.client.HTTPConnection("127.0.0.1", limited.port, timeout=30)
+        connection.request("POST", "/v1/chat/completions", body=iter([body]), headers=headers)
+        response = connection.getresponse()
+        code, answer = response.status, json.loads(response.read())
+    else:
+        code, answer = limited.request("POST", "/v1/chat/completions", body)
+    assert code == status and message in answer["error"]["message"]
+    assert set(answer["error"]) == {"message", "type", "param", "code"}
+    assert limited.request("POST", "/v1/chat/completions", chat_body("x", max_tokens=4))[0] == 200
+
+
+def test_prompts_are_tokenized_off_the_event_loop(limited, monkeypatch):
+    threads = []
+    tokenize = type(limited.server.tokenizer).__call__
+
+    def recording(self, *args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return tokenize(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(limited.server.tokenizer), "__call__", recording)
+    assert limited.request("POST", "/v1/chat/completions", chat_body("x", max_tokens=2))[0] == 200
+    assert "tokenizer_0" in threads and limited.thread.name not in threads  # not the event loop's thread
+
+
+def test_streaming_decodes_only_the_newest_tokens(server, generators, monkeypatch):
+    """The stream's text is the answer's, and decoding it costs about as many tokens as it has, not their square."""
+    tokenizer = generators["base"].tokenizer
+    decoded = []
+    decode = type(tokenizer).decode
+
+    def counting(self, ids, *args, **kwargs):
+        decoded.append(len(ids))
+        return decode(self, ids, *args, **kwargs)
+
+    monkeypatch.setattr(type(tokenizer), "decode", counting)
+    LONG = 120
+    chunks = list(server.client.completions.create(model="base", prompt="def loop():\n", max_tokens=LONG, stream=True))
+    text = "".join(chunk.choices[0].text for chunk in chunks)
+    monkeypatch.undo()
+    assert text == server.client.completions.create(model="base", prompt="def loop():\n", max_tokens=LONG).choices[0].text
+    # A few tokens per decode (more while a random model's bytes end mid-character), the whole answer once at the
+    # end; decoding the whole answer at every token would take 1 + 2 + ... + 120 = 7,260.
+    assert sum(decoded) < 2_500
+
+
+def test_a_non_streaming_client_that_goes_away_frees_its_row(server):
+    LONG = 150
+    before = server.health()
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    body = json.dumps({"model": "base", "prompt": "def loop():\n", "max_tokens": LONG})
+    connection.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+    time.sleep(0.3)  # queued or generating
+    connection.sock.shutdown(socket.SHUT_RDWR)
+    deadline = time.monotonic() + 30
+    while server.health()["batches"] == before["batches"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    after = server.health()
+    assert after["cancelled"] - before["cancelled"] == 1
+    assert after["new_tokens"] - before["new_tokens"] < LONG
+
+
+def test_a_dead_worker_fails_health_and_every_request_at_once(generators, monkeypatch):
+    running = Running(generators)
+    try:
+        def die(*args, **kwargs):
+            raise SystemExit("the worker thread ends")
+
+        monkeypatch.setattr(generators["base"], "generate_batch", die)
+        code, answer = running.request("POST", "/v1/chat/completions", chat_body("x", max_tokens=4))
+        assert code == 503 and "batch worker has stopped" in answer["error"]["message"]
+        running.scheduler._thread.join(timeout=10)
+        code, health = running.request("GET", "/health")
+        assert code == 503 and health["status"] == "the batch worker has stopped"
+        started = time.monotonic()
+        code, answer = running.request("POST", "/v1/chat/completions", chat_body("x", max_tokens=4))
+        assert code == 503 and time.monotonic() - started < 2
+    finally:
+        monkeypatch.undo()
+        running.stop()
+
+
+def test_a_failing_callback_does_not_strand_the_batch_s_other_requests(generators):
+    scheduler = BatchScheduler(generators, gather_seconds=0.1)
+    results = {}
+    done = threading.Event()
+
+    def broken(result):
+        raise RuntimeError("this client's callback fails")
+
+    def keep(result):
+        results["second"] = result
+        done.set()
+
+    settings = GenerationSettings(max_new_tokens=3)
+    scheduler.submit([Job("base", "a", settings, (), on_done=broken), Job("base", "b", settings, (), on_done=keep)])
+    scheduler.start()
+    try:
+        assert done.wait(30) and results["second"].new_tokens >= 1
+        assert scheduler.stats.largest_batch == 2  # both in one batch: the first's failure came first
+        assert not scheduler.worker_stopped()
+    finally:
+        scheduler.stop()
