@@ -166,6 +166,8 @@ def build_cases(tmp: Path) -> list[Case]:
         train("batch-size 0", "--batch-size", "0", expect="--batch-size: must be >= 1"),
         train("grad-accum 0", "--grad-accum", "0", expect="--grad-accum: must be >= 1"),
         train("warmup-steps -1", "--warmup-steps", "-1", expect="--warmup-steps"),
+        train("warmup-steps longer than the run", "--max-steps", "2", "--warmup-steps", "3",
+              expect="--warmup-steps 3 is longer than the run (2 optimizer steps)"),
         train("weight-decay -1", "--weight-decay", "-1", expect="--weight-decay"),
         train("save-every 0", "--save-every", "0", expect="--save-every: must be >= 1"),
         train("eval-every 0", "--eval-every", "0", expect="--eval-every: must be >= 1"),
@@ -299,6 +301,8 @@ def build_cases(tmp: Path) -> list[Case]:
         Case("serve adapter missing", ["serve.py", *base, "--adapter", f"a={tmp / 'nope'}", "--port", "0"],
              expect="nope"),
         Case("serve max-batch 0", ["serve.py", *base, "--max-batch", "0"], expect="--max-batch: must be >= 1"),
+        Case("serve max-body-bytes 0", ["serve.py", *base, "--max-body-bytes", "0"],
+             expect="--max-body-bytes: must be >= 1"),
         # sweep.py
         Case("sweep outputs is a file", ["sweep.py", *base, "--dataset", str(data), "--outputs", str(a_file)],
              expect="a_file.txt", keep=[a_file]),
