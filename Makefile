@@ -23,7 +23,7 @@ TRAINER = $(if $(NPROC),$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPR
 TRAIN_FLAGS = --model $(MODEL) --dataset $(DATASET) --rank $(RANK) \
 	$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(MAX_STEPS),--max-steps $(MAX_STEPS)) $(if $(SEED),--seed $(SEED)) $(if $(OUT),--out $(OUT))
 
-.PHONY: venv test smoke train qlora eval sweep serve bench bench-profile bench-serve data
+.PHONY: venv test smoke train qlora eval sweep serve bench bench-profile bench-serve bench-serve-load data
 
 venv: $(VENV)/.runtime-installed
 
@@ -89,6 +89,11 @@ bench-profile: $(VENV)/.bench-installed
 # `make train` adapter; prints a Markdown table (~7 min here).
 bench-serve: venv
 	$(PYTHON) -m bench.serving --adapter outputs/lora_r$(RANK)
+
+# serve.py (its own process, the base model) under 1,000 requests from 64 concurrent clients mixing good,
+# streamed, bad, huge and abandoned ones: every request ends as it should, and memory comes back.
+bench-serve-load: venv
+	$(PYTHON) -m bench.serving_load --requests 1000 --clients 64
 
 # Rebuild the embedded corpus data/python_pairs.parquet (and data/NOTICE) from the pinned packages in
 # requirements-data.txt, in a virtualenv of its own so the mined packages never enter .venv.

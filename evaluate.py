@@ -180,11 +180,11 @@ def _write_details(path: Path, tasks: Tasks, answers: Answers, doctest_rows: lis
                for index, (code, stop) in enumerate(zip(answers.held_out, answers.stops))]
     records += [{"task": f"held_out-doctest/{row.get('qualname') or row.get('entry_point')}", "passed": outcome.passed,
                  "reason": outcome.reason} for (row, _), outcome in zip(doctest_rows, outcomes["held_out"])]
-    chat_stops = answers.stops[len(answers.held_out):]
+    chat_stops = answers.stops[len(answers.held_out):]  # raw answers' stops are not kept: None
     for mode, completions, stops in (("chat", answers.humaneval_chat, chat_stops),
-                                     ("raw", answers.humaneval_raw, [None] * len(answers.humaneval_raw))):
+                                     ("raw", answers.humaneval_raw, [None] * len(tasks.humaneval))):
         records += [{"task": f"{problem['task_id']}/{mode}", "completion": completion, "passed": outcome.passed,
-                     "reason": outcome.reason} | ({"stop": stop} if mode == "chat" else {})
+                     "reason": outcome.reason, "stop": stop}
                     for problem, completion, outcome, stop in zip(tasks.humaneval, completions, outcomes[mode], stops)]
     write_jsonl(path, records)
 
