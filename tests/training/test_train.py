@@ -298,12 +298,15 @@ def test_an_interrupt_inside_the_optimizer_s_update_resumes_bit_for_bit(tiny_set
         return result
 
     monkeypatch.setattr(torch.optim.AdamW, "step", update_then_interrupt)
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # as train.py does for `kill`
+    # As in train.py's own process: Ctrl-C raises KeyboardInterrupt, and `kill` too (train.py maps it). The
+    # suite's earlier tests may have left another SIGINT handler behind (an event loop's).
+    previous = {number: signal.signal(number, signal.default_int_handler) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
         with pytest.raises(TrainError, match="checkpoint at step 3"):
             loop.run(tiny_config(tiny_setup, tmp_path / "interrupted"))
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
     monkeypatch.undo()
     loop.run(tiny_config(tiny_setup, tmp_path / "interrupted"))
     assert_same_adapter(tmp_path / "straight", tmp_path / "interrupted")
