@@ -39,6 +39,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import sacrebleu
@@ -76,10 +77,11 @@ class Tasks:
     held_out: list[dict]  # rows with instruction, input, output, tests, entry_point
     humaneval: list[dict]  # problems with task_id, prompt, canonical_solution, test, entry_point
 
-    @property
-    def doctest_rows(self) -> list[dict]:
+    @cached_property
+    def doctest_indices(self) -> list[int]:
         """Held-out rows whose doctests are counted: those that can tell a wrong answer from a right one."""
-        return [row for row in self.held_out if row["tests"].strip() and doctests_can_tell(row["tests"])]
+        return [index for index, row in enumerate(self.held_out)
+                if row["tests"].strip() and doctests_can_tell(row["tests"])]
 
 
 def load_tasks(dataset: str, limit: int | None) -> Tasks:
@@ -150,8 +152,7 @@ def score(label: str, adapter: str, tasks: Tasks, answers: Answers, eos_token: s
           workers: int | None, details_dir: Path) -> Report:
     references = [row["output"] for row in tasks.held_out]
     bleu = [sacrebleu.sentence_bleu(code, [reference]).score for code, reference in zip(answers.held_out, references)]
-    counted = tasks.doctest_rows
-    doctest_rows = [(row, code) for row, code in zip(tasks.held_out, answers.held_out) if row in counted]
+    doctest_rows = [(tasks.held_out[index], answers.held_out[index]) for index in tasks.doctest_indices]
     programs = {
         "held_out": [doctest_program(code, row["tests"], row["entry_point"] or "row") for row, code in doctest_rows],
         "chat": [humaneval_program(problem, completion) for problem, completion in zip(tasks.humaneval, answers.humaneval_chat)],
@@ -255,8 +256,8 @@ def evaluate_models(args: argparse.Namespace, limits: Limits) -> None:
     kept = [Path(path) for path in args.rescore or []]
     specs = [] if kept else model_specs(args.model, outputs, args.adapters, args.skip_base)
     tasks = load_tasks(args.dataset, args.limit)
-    left_out = sum(bool(row["tests"].strip()) for row in tasks.held_out) - len(tasks.doctest_rows)
-    print(f"{len(tasks.held_out)} held-out rows ({len(tasks.doctest_rows)} with doctests that count, {left_out} whose "
+    left_out = sum(bool(row["tests"].strip()) for row in tasks.held_out) - len(tasks.doctest_indices)
+    print(f"{len(tasks.held_out)} held-out rows ({len(tasks.doctest_indices)} with doctests that count, {left_out} whose "
           f"doctests a constant answer passes left out), {len(tasks.humaneval)} HumanEval problems, "
           f"{len(specs) + len(kept)} model(s)", file=sys.stderr)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,

@@ -90,6 +90,11 @@ class Generator:
             if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
                 self.stop_ids.append(token_id)
 
+    @property
+    def end_ids(self) -> frozenset[int]:
+        """Token ids after which a row generates nothing more: its stop tokens, then padding."""
+        return frozenset([*self.stop_ids, self.pad_id])
+
     @classmethod
     def load(cls, model_name: str = loading.EMBEDDED_MODEL, adapter: str | None = None,
              device: str | None = None) -> Generator:
@@ -147,7 +152,7 @@ class Generator:
             torch.manual_seed(settings.seed)  # once: every part of the batch draws from one stream
         answers: list[list[int]] = [[] for _ in prompts]
         contexts = self.tokenizer(prompts).input_ids
-        ends = torch.tensor(self._ends(), device=self.model.device)  # built once, checked at every step
+        ends = torch.tensor(sorted(self.end_ids), device=self.model.device)  # built once, checked at every step
         live = list(range(len(prompts)))
         while live:
             budget = replace(settings, max_new_tokens=settings.max_new_tokens - len(answers[live[0]]))
@@ -160,12 +165,8 @@ class Generator:
                     and not self._finished(answers[index], stop_strings)]
         return [self.to_completion(ids, stop_strings) for ids in answers]
 
-    def _ends(self) -> list[int]:
-        """Token ids after which a row generates nothing more: its stop tokens, then padding."""
-        return [*self.stop_ids, self.pad_id]
-
     def _finished(self, ids: list[int], stop_strings: Sequence[str]) -> bool:
-        if not set(self._ends()).isdisjoint(ids):
+        if not self.end_ids.isdisjoint(ids):
             return True
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         return any(stop in text for stop in stop_strings)
@@ -214,7 +215,8 @@ class Generator:
         what stopped it."""
         # A row that finished before the rest of its batch (stop token or stop string) is padded to the
         # batch's length: it ends at its first stop token or padding. A stop token was generated, padding not.
-        ends = (position for position, token in enumerate(ids) if token in self.stop_ids or token == self.pad_id)
+        end_ids = self.end_ids
+        ends = (position for position, token in enumerate(ids) if token in end_ids)
         end = next(ends, len(ids))
         generated = end + 1 if end < len(ids) and ids[end] in self.stop_ids else end
         text = self.tokenizer.decode(ids[:end], skip_special_tokens=True)

@@ -137,9 +137,6 @@ class Server:
         asked = request.token_limit()
         if asked is not None and asked > self.limits.max_tokens:
             raise BadRequest(f"max_tokens {asked} is more than this server allows ({self.limits.max_tokens})")
-        # A prompt of more characters than the limit has tokens cannot be measured cheaply: refused uncounted.
-        if any(len(prompt) > 16 * self.limits.max_prompt_tokens for prompt in prompts):
-            raise BadRequest(f"a prompt is longer than this server allows ({self.limits.max_prompt_tokens} tokens)")
         counts = [len(self.tokenizer(prompt).input_ids) for prompt in prompts]
         if max(counts) > self.limits.max_prompt_tokens:
             raise BadRequest(f"the prompt is {max(counts)} tokens, more than this server allows "

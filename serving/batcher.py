@@ -210,7 +210,7 @@ class _TextFeed:
     def push(self, token: int) -> None:
         if self.ended:
             return
-        if token in self.generator.stop_ids or token == self.generator.pad_id:
+        if token in self.generator.end_ids:
             self.ended = True  # what follows a stop token is padding
             return
         self.ids.append(token)
