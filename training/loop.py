@@ -164,7 +164,7 @@ def _looping_rows(training: Training, step: int) -> dict | None:
     N processes train on the rows one process would; each rank then takes its share (my_share)."""
     config = training.config
     window = [training.examples[index] for index in training.step_rows[step]]
-    # The seed names rank 0: a single process draws the rows it drew when each rank drew its own.
+    # One seed for every rank (rank 0's), so that every rank draws the same rows.
     return looping_batch(window, training.newline_ids, config.max_length, config.repetition_rows,
                          f"{config.seed}:{step}:0", training.pad_id, config.repetition_from_copy)
 

