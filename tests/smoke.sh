@@ -82,4 +82,9 @@ step "python export.py ADAPTER OUT"
 "$python" export.py "$outputs/lora_r16" "$work/merged"
 expect_file "$work/merged/config.json" "export.py"
 
+step "python export.py ADAPTER OUT --gguf"
+"$python" export.py "$outputs/lora_r16" "$work/gguf" --gguf
+expect_file "$work/gguf/model-f16.gguf" "export.py --gguf"
+expect_file "$work/gguf/Modelfile" "export.py --gguf"
+
 step "done: every command passed"

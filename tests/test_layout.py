@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 COMMAND_LINES = {"train", "generate", "evaluate", "serve", "export", "sweep", "average"}
 # Lowest first: a package imports only from the layers below its own (and from itself).
-LAYERS = [{"common"}, {"lora", "quant"}, {"gemma"}, {"data"}, {"training", "evaluation", "serving"}, {"bench"}]
+LAYERS = [{"common"}, {"lora", "quant"}, {"gemma"}, {"data"}, {"training", "evaluation", "serving", "gguf_export"}, {"bench"}]
 LAYER_OF = {package: level for level, packages in enumerate(LAYERS) for package in packages}
 
 
