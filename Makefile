@@ -15,6 +15,7 @@ LIMIT ?=
 PORT ?= 8000
 OUTPUTS ?= outputs
 ADAPTER ?= outputs/lora_r16
+BASELINE ?= e6f9fc5
 NPROC ?=
 
 # NPROC=N: N processes under torchrun (gloo on the CPU, nccl on GPUs), one shared run (distributed.py).
@@ -24,7 +25,7 @@ TRAINER = $(if $(NPROC),$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPR
 TRAIN_FLAGS = --model $(MODEL) --dataset $(DATASET) --rank $(RANK) \
 	$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(MAX_STEPS),--max-steps $(MAX_STEPS)) $(if $(SEED),--seed $(SEED)) $(if $(OUT),--out $(OUT))
 
-.PHONY: venv gguf-venv test smoke train qlora eval sweep serve gguf-check bench bench-profile bench-serve bench-serve-load data
+.PHONY: venv gguf-venv test smoke train qlora eval sweep serve gguf-check bench bench-profile bench-serve bench-serve-load bench-serve-adapters data
 
 venv: $(VENV)/.runtime-installed
 
@@ -110,6 +111,12 @@ bench-serve: venv
 # streamed, bad, huge and abandoned ones: every request ends as it should, and memory comes back.
 bench-serve-load: venv
 	$(PYTHON) -m bench.serving_load --requests 1000 --clients 64
+
+# The base model and 3 adapters (outputs/lora_r$(RANK) and two derived from it) to 16 clients spread over the 4
+# models: one shared base with mixed batches against serve.py as it was at BASELINE (one base copy per model)
+# -> results/serving_adapters/README.md. Needs a git checkout and an otherwise idle machine.
+bench-serve-adapters: venv
+	$(PYTHON) -m bench.serving_adapters --adapter outputs/lora_r$(RANK) --baseline $(BASELINE)
 
 # Rebuild the embedded corpus data/python_pairs.parquet (and data/NOTICE) from the pinned packages in
 # requirements-data.txt, in a virtualenv of its own so the mined packages never enter .venv.

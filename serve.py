@@ -11,10 +11,12 @@ max_tokens, temperature, top_p, stop, seed, stream with server-sent events), GET
 Decoding is greedy unless temperature > 0, and max_tokens defaults to 512, as in generate.py (not
 OpenAI's defaults). A chat answer's message also carries `code`, the Python extracted from it.
 
-Requests that arrive together are generated together, per model (serving/batcher.py). Each request is
-bounded (--max-tokens-limit, --max-prompt-tokens, --max-body-bytes: errors in OpenAI's shape); a client that
-goes away frees its row; /health answers 503 if the batch worker has stopped. Each adapter gets its own
-copy of the base model (a QLoRA one on its NF4 base), so serving n adapters takes n + 1 models' memory.
+Every adapter shares one copy of the base model (QLoRA adapters a second one, on the NF4 base they were
+trained on), so n adapters cost one base plus n small adapters (serving/models.py; /health reports it).
+Requests that arrive together are generated together, whatever adapters they ask for, each row with its
+own adapter and turn-marker rows (serving/batcher.py, lora/multi.py). Each request is bounded
+(--max-tokens-limit, --max-prompt-tokens, --max-body-bytes: errors in OpenAI's shape); a client that goes
+away frees its row; /health answers 503 if the batch worker has stopped.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ from common.options import COUNT, DEVICE, ranged
 from gemma.loading import ModelLoadError, add_model_option
 from lora import AdapterError, read_adapter_config
 from lora.adapter import adapter_folders
-from serving.app import BASE, Server, ServerLimits, create_app, http_server, listen, load_generators
+from serving.app import Server, ServerLimits, create_app, http_server, listen
 from serving.batcher import BatchScheduler
+from serving.models import BASE, load_models
 
 
 def parse_adapters(specs: Sequence[str] | None, outputs: Path) -> dict[str, Path]:
@@ -55,13 +58,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         for folder in adapters.values():
             read_adapter_config(folder)  # a bad adapter fails before the port is taken and any model loads
         sock = listen(args.host, args.port)
-        scheduler = BatchScheduler(load_generators(args.model, adapters, args.device), args.max_batch, args.max_queue)
+        scheduler = BatchScheduler(load_models(args.model, adapters, args.device), args.max_batch, args.max_queue)
     except (ModelLoadError, AdapterError, OSError) as error:
         print(f"serve.py: error: {error}", file=sys.stderr)
         return 2
     scheduler.start()
     host, port = sock.getsockname()[:2]
-    print(f"serving {', '.join(scheduler.generators)} on http://{host}:{port}/v1", file=sys.stderr, flush=True)
+    print(f"serving {', '.join(scheduler.models)} on http://{host}:{port}/v1", file=sys.stderr, flush=True)
     # uvicorn shuts down gracefully on Ctrl-C or `kill`, then raises the signal again for its caller:
     # as KeyboardInterrupt for both, so that a deliberate stop ends with exit code 0, not a traceback.
     signal.signal(signal.SIGTERM, signal.default_int_handler)

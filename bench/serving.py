@@ -18,12 +18,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench.generation import held_out_instructions, load_generator
+from bench.generation import held_out_instructions
 from common.options import COUNT, COUNTS, DEVICE
-from gemma.generation import Generator
-from gemma.loading import add_model_option
+from gemma.loading import ModelLoadError, add_model_option
+from lora import AdapterError
 from serving import app
 from serving.batcher import BatchScheduler
+from serving.models import BASE, ServedModel, load_models
 
 
 def run_clients(port: int, model: str, instructions: list[str], clients: int, per_client: int,
@@ -55,9 +56,9 @@ def run_clients(port: int, model: str, instructions: list[str], clients: int, pe
             "p95_s": round(latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))], 2)}
 
 
-def measure(generators: dict[str, Generator], model: str, instructions: list[str], client_counts: list[int],
+def measure(models: dict[str, ServedModel], model: str, instructions: list[str], client_counts: list[int],
             per_client: int, max_tokens: int, max_batch: int) -> list[dict]:
-    scheduler = BatchScheduler(generators, max_batch=max_batch, max_queued=1024)
+    scheduler = BatchScheduler(models, max_batch=max_batch, max_queued=1024)
     scheduler.start()
     sock = app.listen("127.0.0.1", 0)
     server = app.http_server(app.create_app(app.Server(scheduler)), log_level="warning")
@@ -103,13 +104,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", type=DEVICE)
     parser.add_argument("--result", help="JSON file for the measurements")
     args = parser.parse_args(argv)
-    name = Path(args.adapter).name if args.adapter else app.BASE
-    generators = {name: load_generator(parser, args)}
+    name = Path(args.adapter).name if args.adapter else BASE
+    try:
+        models = load_models(args.model, {name: Path(args.adapter)} if args.adapter else {}, args.device)
+    except (ModelLoadError, AdapterError) as error:
+        parser.error(str(error))
     instructions = [f"{instruction}\n{input}" if input else instruction
                     for instruction, input in held_out_instructions(args.dataset, 64)]
     results = []
     for max_batch in (args.max_batch, 1):
-        results += measure(generators, name, instructions, args.clients, args.requests_per_client, args.max_tokens,
+        results += measure(models, name, instructions, args.clients, args.requests_per_client, args.max_tokens,
                            max_batch)
     print(markdown(results), end="")
     if args.result:

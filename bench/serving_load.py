@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import re
 import socket
 import statistics
 import subprocess
@@ -31,13 +30,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.server_process import get_json, start_serve, stop_serve
+from common.hardware import process_memory_kib
 from common.options import COUNT
 from gemma.loading import EMBEDDED_MODEL
 
 KINDS = ("good", "streamed", "bad", "huge", "abandoned")
 MAX_BODY_BYTES = 64 * 1024  # the server's limit in this run: a huge body is twice that
 MAX_PROMPT_TOKENS = 512
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -99,32 +99,10 @@ def send(port: int, index: int, max_tokens: int) -> Answer:
 
 def start_server(model: str, max_batch: int, scratch: Path) -> tuple[subprocess.Popen, int]:
     """serve.py with the base model alone (an empty --outputs), its log in `scratch`; (process, port)."""
-    log = scratch / "serve.log"
-    command = [sys.executable, "serve.py", "--model", model, "--outputs", str(scratch), "--port", "0",
-               "--max-batch", str(max_batch), "--max-queue", "256", "--max-body-bytes", str(MAX_BODY_BYTES),
-               "--max-prompt-tokens", str(MAX_PROMPT_TOKENS), "--max-tokens-limit", "256"]
-    with log.open("w") as handle:
-        server = subprocess.Popen(command, cwd=ROOT, stdout=handle, stderr=handle)
-    while server.poll() is None:
-        if match := re.search(r"on http://[\d.]+:(\d+)/v1", log.read_text()):
-            return server, int(match.group(1))
-        time.sleep(0.2)
-    raise RuntimeError(f"serve.py exited with {server.returncode} before it listened: {log.read_text()[-2000:]}")
-
-
-def memory_kib(pid: int, field: str) -> int:
-    """VmRSS (now) or VmHWM (peak) of a process, in KiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
-def health(port: int) -> tuple[int, dict]:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    connection.request("GET", "/health")
-    response = connection.getresponse()
-    return response.status, json.loads(response.read())
+    return start_serve(["--model", model, "--outputs", str(scratch), "--max-batch", str(max_batch),
+                        "--max-queue", "256", "--max-body-bytes", str(MAX_BODY_BYTES),
+                        "--max-prompt-tokens", str(MAX_PROMPT_TOKENS), "--max-tokens-limit", "256"],
+                       scratch / "serve.log")
 
 
 def run(model: str, requests: int, clients: int, max_tokens: int, max_batch: int) -> tuple[str, bool]:
@@ -138,20 +116,19 @@ def _load(server: subprocess.Popen, port: int, requests: int, clients: int, max_
         for index in range(2 * len(KINDS)):  # one of each kind first: the memory before is after a warm-up
             send(port, index, max_tokens)
         time.sleep(1.0)
-        before = memory_kib(server.pid, "VmRSS")
+        before = process_memory_kib(server.pid, "VmRSS")
         started = time.perf_counter()
         with ThreadPoolExecutor(clients) as pool:
             answers = list(pool.map(lambda index: send(port, index, max_tokens), range(requests)))
         seconds = time.perf_counter() - started
         deadline = time.monotonic() + 120
-        while (status := health(port))[1]["queued"] and time.monotonic() < deadline:
+        while (status := get_json(port, "/health"))[1]["queued"] and time.monotonic() < deadline:
             time.sleep(0.5)  # abandoned requests still queued are skipped as the worker reaches them
         time.sleep(1.0)
-        after, peak = memory_kib(server.pid, "VmRSS"), memory_kib(server.pid, "VmHWM")
+        after, peak = process_memory_kib(server.pid, "VmRSS"), process_memory_kib(server.pid, "VmHWM")
         return summarize(answers, seconds, status, before, after, peak, requests, clients)
     finally:
-        server.terminate()
-        server.wait(timeout=60)
+        stop_serve(server)
 
 
 def summarize(answers: list[Answer], seconds: float, final_health: tuple[int, dict], before: int, after: int,

@@ -41,6 +41,17 @@ def free_memory_bytes(device: torch.device) -> int | None:
     return next((int(line.split()[1]) * 1024 for line in lines if line.startswith("MemAvailable:")), None)
 
 
+def process_memory_kib(pid: int | str = "self", field: str = "VmRSS") -> int | None:
+    """A Linux process's VmRSS (resident now) or VmHWM (its peak), in KiB; None where /proc has no answer."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
 def pick_compute_dtype(device: torch.device) -> torch.dtype:
     """The dtype a run computes in on `device` (compute_dtype)."""
     native_bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16()

@@ -25,7 +25,6 @@ from gemma import loading
 from gemma.chat_format import STOP_MARKERS
 from lora import load_adapter, read_adapter_config
 from lora.adapter import trained_on_nf4
-from lora.tokens import TrainableTokenHead
 
 
 @dataclass(frozen=True)
@@ -73,6 +72,20 @@ class GenerateError(RuntimeError):
     """Bad input for generation; the message is one line for the user."""
 
 
+def load_base(model_name: str, device: torch.device, nf4: bool = False) -> PreTrainedModel:
+    """The frozen base model for generation on `device`, in its fast dtype; with `nf4` quantized as QLoRA
+    trained on it."""
+    model = loading.load_model(model_name, device, hardware.pick_compute_dtype(device), nf4=nf4)
+    if nf4 and device.type == "cpu":
+        # On the CPU bitsandbytes dequantizes each 4-bit weight at every call, then multiplies: doing
+        # it once gives the same numbers bit for bit (tests) without that cost at every decoding step.
+        # (On CUDA its fused 4-bit kernels are fast, and the memory saving is the point.)
+        from quant import dequantize_decoder_linears
+
+        dequantize_decoder_linears(model)
+    return model
+
+
 class Generator:
     """A frozen model (with its adapter, if any) and its tokenizer, ready to complete prompts."""
 
@@ -101,18 +114,9 @@ class Generator:
         """Raises loading.ModelLoadError or lora.AdapterError with a one-line message."""
         if adapter:
             read_adapter_config(adapter)  # a bad adapter folder fails before the slow model load
-        target = hardware.pick_device(device)
-        tokenizer = loading.load_tokenizer(model_name)
         # A QLoRA adapter meets the same NF4 base it was trained on.
-        nf4 = bool(adapter) and trained_on_nf4(adapter)
-        model = loading.load_model(model_name, target, hardware.pick_compute_dtype(target), nf4=nf4)
-        if nf4 and target.type == "cpu":
-            # On the CPU bitsandbytes dequantizes each 4-bit weight at every call, then multiplies: doing
-            # it once gives the same numbers bit for bit (tests) without that cost at every decoding step.
-            # (On CUDA its fused 4-bit kernels are fast, and the memory saving is the point.)
-            from quant import dequantize_decoder_linears
-
-            dequantize_decoder_linears(model)
+        model = load_base(model_name, hardware.pick_device(device), nf4=bool(adapter) and trained_on_nf4(adapter))
+        tokenizer = loading.load_tokenizer(model_name)
         if adapter:
             # The LoRA update stays unmerged: adding it to bf16 weights would round much of it away.
             load_adapter(model, adapter)
@@ -295,14 +299,15 @@ def _vocabulary_major_is_faster(weight: torch.Tensor) -> bool:
 
 
 def _choose_head_layout(model: PreTrainedModel) -> None:
-    """Swap the model's linear output head (inside a trainable-token head, if any) for a VocabularyMajorHead
-    where that is faster, a RowMajorHead elsewhere."""
+    """Swap the model's linear output head (inside a head for trainable token rows, if any: one adapter's
+    or several's) for a VocabularyMajorHead where that is faster, a RowMajorHead elsewhere."""
     head = model.get_output_embeddings()
-    linear = head.base_layer if isinstance(head, TrainableTokenHead) else head
+    wrapped = hasattr(head, "base_layer")
+    linear = head.base_layer if wrapped else head
     if isinstance(linear, _HeadProduct):
         return  # a second Generator on the same model
     chosen = VocabularyMajorHead(linear) if _vocabulary_major_is_faster(linear.weight) else RowMajorHead(linear)
-    if isinstance(head, TrainableTokenHead):
+    if wrapped:
         head.base_layer = chosen
     else:
         model.set_output_embeddings(chosen)

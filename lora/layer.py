@@ -5,12 +5,22 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
 def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
     """s in LoRALinear's formula: alpha / r, or alpha / sqrt(r) with rsLoRA."""
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+def low_rank_update(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """s * B(A(x)) for weights A [r, in] and B [out, r]. Without autocast it is computed in the weights'
+    dtype (float32); under it, autocast picks the dtype of the two small matmuls and a cast here would
+    only cost a copy."""
+    if not torch.is_autocast_enabled(x.device.type):
+        x = x.to(lora_A.dtype)
+    return F.linear(F.linear(x, lora_A), lora_B) * scaling
 
 
 class LoRALinear(nn.Module):
@@ -62,12 +72,7 @@ class LoRALinear(nn.Module):
         return (result + self._update(self.dropout(x))).to(x.dtype)
 
     def _update(self, x: torch.Tensor) -> torch.Tensor:
-        """s * B(A(x))."""
-        if not torch.is_autocast_enabled(x.device.type):
-            # Without autocast the update is computed in float32; under it, autocast picks the dtype
-            # of the two small matmuls and a cast here would only cost a copy.
-            x = x.to(self.lora_A.weight.dtype)
-        return self.lora_B(self.lora_A(x)) * self.scaling
+        return low_rank_update(x, self.lora_A.weight, self.lora_B.weight, self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
         """s * B @ A in float32: the change this adapter makes to the base weight."""

@@ -49,14 +49,7 @@ class TrainableTokenEmbedding(nn.Module):
         return self.base_layer.weight
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        embedded = self.base_layer(input_ids)
-        matches = input_ids.unsqueeze(-1) == self.token_adapter.token_ids  # [..., n]
-        # Indexing (not a one-hot matmul) keeps the rows exact under autocast.
-        rows = self.token_adapter.trainable_tokens_delta.to(self.base_layer.weight.dtype)[matches.int().argmax(-1)]
-        scale = getattr(self.base_layer, "embed_scale", None)
-        if scale is not None:  # Gemma's scaled embedding multiplies its rows by sqrt(hidden)
-            rows = rows * scale.to(rows.dtype)
-        return torch.where(matches.any(-1, keepdim=True), rows.to(embedded.dtype), embedded)
+        return embed_with_rows(self.base_layer, self.base_layer(input_ids), input_ids, self.token_adapter)
 
 
 class TrainableTokenHead(nn.Module):
@@ -73,10 +66,25 @@ class TrainableTokenHead(nn.Module):
         return self.base_layer.weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.base_layer(hidden)
-        adapter = self._token_adapter[0]
-        token_logits = F.linear(hidden, adapter.trainable_tokens_delta.to(self.base_layer.weight.dtype))
-        return logits.index_copy(-1, adapter.token_ids, token_logits.to(logits.dtype))
+        return logits_with_rows(self.base_layer, self.base_layer(hidden), hidden, self._token_adapter[0])
+
+
+def embed_with_rows(embedding: nn.Module, embedded: torch.Tensor, input_ids: torch.Tensor,
+                    rows: TokenRows) -> torch.Tensor:
+    """`embedded` (the base embedding of `input_ids`) with the positions of the rows' tokens taken from them."""
+    matches = input_ids.unsqueeze(-1) == rows.token_ids  # [..., n]
+    # Indexing (not a one-hot matmul) keeps the rows exact under autocast.
+    values = rows.trainable_tokens_delta.to(embedding.weight.dtype)[matches.int().argmax(-1)]
+    scale = getattr(embedding, "embed_scale", None)
+    if scale is not None:  # Gemma's scaled embedding multiplies its rows by sqrt(hidden)
+        values = values * scale.to(values.dtype)
+    return torch.where(matches.any(-1, keepdim=True), values.to(embedded.dtype), embedded)
+
+
+def logits_with_rows(head: nn.Module, logits: torch.Tensor, hidden: torch.Tensor, rows: TokenRows) -> torch.Tensor:
+    """`logits` (the base head's of `hidden`) with the rows' tokens' columns computed from the rows."""
+    token_logits = F.linear(hidden, rows.trainable_tokens_delta.to(head.weight.dtype))
+    return logits.index_copy(-1, rows.token_ids, token_logits.to(logits.dtype))
 
 
 def inject_trainable_tokens(model: nn.Module, token_ids: Sequence[int]) -> TokenRows:

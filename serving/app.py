@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP app: request validation and limits, the completion and chat endpoints
 (streamed with server-sent events or not), /v1/models and /health, over a BatchScheduler that generates
-requests arriving together as one batch, per model.
+requests arriving together as one batch, whatever adapters they ask for.
 
 One slow request must not hold the server: a request's body, prompt and max_tokens are bounded (ServerLimits),
 prompts are tokenized off the event loop, and a client that goes away, streaming or not, frees its row."""
@@ -16,7 +16,6 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 from fastapi import FastAPI, Request
@@ -25,10 +24,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from gemma.chat_format import conversation, extract_code
-from gemma.generation import Completion, GenerationSettings, Generator
+from gemma.generation import Completion, GenerationSettings
 from serving.batcher import BatchScheduler, Job, QueueFull, WorkerStopped
+from serving.models import memory_report
 
-BASE = "base"
 DEFAULT_MAX_TOKENS = GenerationSettings.max_new_tokens
 DISCONNECT_POLL_S = 0.25
 
@@ -118,7 +117,7 @@ class Server:
 
     def __init__(self, scheduler: BatchScheduler, limits: ServerLimits = ServerLimits()):
         self.scheduler, self.limits = scheduler, limits
-        any_generator = next(iter(scheduler.generators.values()))
+        any_generator = next(iter(scheduler.models.values())).generator
         self.tokenizer = copy.deepcopy(any_generator.tokenizer)
         self.context = any_generator.model.config.get_text_config().max_position_embeddings
         self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix="tokenizer")
@@ -130,9 +129,9 @@ class Server:
     def plan_now(self, request: _Request, prompts: list[str]) -> tuple[GenerationSettings, int]:
         """Check a request against the models, the limits and the context; its generation settings and the
         prompts' tokens in all. Without max_tokens an answer may take 512 tokens, or what the context has left."""
-        if request.model not in self.scheduler.generators:
+        if request.model not in self.scheduler.models:
             raise BadRequest(f"model {request.model!r} does not exist; this server has "
-                             f"{', '.join(self.scheduler.generators)}", 404, code="model_not_found")
+                             f"{', '.join(self.scheduler.models)}", 404, code="model_not_found")
         request.stop_strings()
         asked = request.token_limit()
         if asked is not None and asked > self.limits.max_tokens:
@@ -253,15 +252,16 @@ def create_app(server: Server) -> FastAPI:
     async def health():
         stats = server.scheduler.stats
         alive = not server.scheduler.worker_stopped()
-        body = {"status": "ok" if alive else "the batch worker has stopped", "models": list(server.scheduler.generators),
+        body = {"status": "ok" if alive else "the batch worker has stopped", "models": list(server.scheduler.models),
                 "queued": server.scheduler.queued(), "batches": stats.batches, "requests": stats.jobs,
-                "largest_batch": stats.largest_batch, "new_tokens": stats.new_tokens, "cancelled": stats.cancelled}
+                "largest_batch": stats.largest_batch, "new_tokens": stats.new_tokens, "cancelled": stats.cancelled,
+                "memory": memory_report(server.scheduler.models)}
         return body if alive else JSONResponse(body, status_code=503)
 
     @app.get("/v1/models")
     async def list_models() -> dict:
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "gemma-code-lora"}
-                                           for name in server.scheduler.generators]}
+                                           for name in server.scheduler.models]}
 
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest, http: Request):
@@ -351,13 +351,6 @@ async def _sse(events: AsyncIterator, head: dict, max_tokens: int, chat: bool) -
     finally:
         await events.aclose()  # a client gone mid-stream: its rows end at the next step
     yield "data: [DONE]\n\n"
-
-
-def load_generators(model: str, adapters: dict[str, Path], device: str | None) -> dict[str, Generator]:
-    generators = {BASE: Generator.load(model, device=device)}
-    for name, folder in adapters.items():
-        generators[name] = Generator.load(model, str(folder), device)
-    return generators
 
 
 def listen(host: str, port: int) -> socket.socket:

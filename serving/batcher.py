@@ -1,9 +1,10 @@
 """Requests that arrive together are generated together (serve.py's engine).
 
 Jobs wait in one bounded queue. A single worker thread owns the models: it takes the oldest job and
-every queued job that can share its batch (same model, same settings and stop strings, up to
-`max_batch`), generates them as one batch with the Generator's KV-cached path, and hands each job its
-answer, token by token to a job that streams. A job whose client went away is skipped while it waits,
+every queued job that can share its batch (a model on the same copy of the base, whatever its adapter;
+the same settings and stop strings; up to `max_batch`), generates them as one batch with the
+Generator's KV-cached path, each row with its own adapter, and hands each job its answer, token by
+token to a job that streams. A job whose client went away is skipped while it waits,
 and its row ends at the next step once it runs. One thread, because the models share the CPU's cores:
 two batches at once would only slow each other down.
 """
@@ -22,6 +23,7 @@ from transformers import StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from gemma.generation import Completion, GenerationSettings, Generator
+from serving.models import ServedModel
 
 
 class QueueFull(RuntimeError):
@@ -42,9 +44,6 @@ class Job:
     on_text: Callable[[str], None] | None = None  # streaming: each new piece of the answer's text
     cancelled: bool = False  # set by the server when the client disconnects
 
-    def batch_key(self) -> tuple:
-        return self.model, self.settings, self.stop
-
 
 @dataclass
 class Stats:
@@ -56,9 +55,9 @@ class Stats:
 
 
 class BatchScheduler:
-    def __init__(self, generators: dict[str, Generator], max_batch: int = 16, max_queued: int = 64,
+    def __init__(self, models: dict[str, ServedModel], max_batch: int = 16, max_queued: int = 64,
                  gather_seconds: float = 0.02):
-        self.generators = generators
+        self.models = models
         self.max_batch = max_batch
         self.max_queued = max_queued
         self.gather_seconds = gather_seconds  # a short wait lets requests sent together share a batch
@@ -123,20 +122,25 @@ class BatchScheduler:
             if not live:
                 self._queue.clear()
                 return []
-            key = live[0].batch_key()
-            batch = [job for job in live if job.batch_key() == key][:self.max_batch]
+            key = self._batch_key(live[0])
+            batch = [job for job in live if self._batch_key(job) == key][:self.max_batch]
             chosen = set(map(id, batch))
             self._queue = deque(job for job in live if id(job) not in chosen)
         return batch
 
+    def _batch_key(self, job: Job) -> tuple:
+        """Jobs with equal keys can share a batch: their models share a base, their decoding is alike."""
+        return id(self.models[job.model].generator), job.settings, job.stop
+
     def _generate(self, batch: list[Job]) -> None:
-        generator = self.generators[batch[0].model]
-        first = batch[0]
+        served = [self.models[job.model] for job in batch]
+        generator, first = served[0].generator, batch[0]
         feeds = [_TextFeed(generator, job) if job.on_text else None for job in batch]
         streamer = _RowStreamer(feeds) if any(feeds) else None
         try:
-            completions = generator.generate_batch([job.prompt for job in batch], first.settings, first.stop,
-                                                   streamer, _Cancelled(batch))
+            with served[0].adapters.selected([model.slot for model in served]):
+                completions = generator.generate_batch([job.prompt for job in batch], first.settings, first.stop,
+                                                       streamer, _Cancelled(batch))
         except Exception as error:  # noqa: BLE001  (each client gets the error; the server goes on)
             for job in batch:
                 _deliver(job, error)

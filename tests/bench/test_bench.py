@@ -171,9 +171,12 @@ def test_serving_bench_counts_requests_and_batches():
     from bench.serving import markdown, measure
     from conftest import build_tiny_model, make_tiny_tokenizer
     from gemma.generation import Generator
+    from lora.multi import AdapterSet
+    from serving.models import ServedModel
 
-    generators = {"base": Generator(build_tiny_model("gemma3"), make_tiny_tokenizer())}
-    results = measure(generators, "base", ["Write fib", "Sort a list"], [1, 3], per_client=2, max_tokens=4,
+    model = build_tiny_model("gemma3")
+    models = {"base": ServedModel(Generator(model, make_tiny_tokenizer()), AdapterSet(model), 0)}
+    results = measure(models, "base", ["Write fib", "Sort a list"], [1, 3], per_client=2, max_tokens=4,
                       max_batch=4)
     assert [(result["clients"], result["requests"]) for result in results] == [(1, 2), (3, 6)]
     assert results[0]["batches"] == 2 and results[1]["batches"] <= 6

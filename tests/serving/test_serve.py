@@ -1,6 +1,7 @@
 """serve.py with the official `openai` client against a real server on 127.0.0.1, on a tiny model
-with two adapters: both endpoints, streaming, batching of concurrent requests, bad input, a client
-that goes away mid-stream, the bounded queue."""
+with three adapters (with their own turn-marker rows) on one copy of the base: both endpoints, streaming,
+batching of concurrent requests for different adapters, bad input, a client that goes away mid-stream,
+the bounded queue."""
 
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ from conftest import build_tiny_model, make_tiny_tokenizer
 from gemma.chat_format import extract_code, user_turn
 from gemma.generation import GenerationSettings, Generator
 from lora import AdapterError, LoRAConfig, inject_lora, save_adapter
+from lora import inject_trainable_tokens
 from serving import app
 from serving.batcher import BatchScheduler, Job, QueueFull
+from serving.models import load_models
 
 CONTEXT = 256  # the tiny model's context, so that a prompt can be too long for it
 
@@ -35,14 +38,23 @@ def model_and_adapters(tmp_path_factory):
     model.save_pretrained(folder)
     make_tiny_tokenizer().save_pretrained(folder)
     adapters = {}
-    for name, seed in (("alpha", 1), ("beta", 2)):
+    # Adapters of different ranks and targets; two with trained turn-marker rows (ids 4 and 5), one without.
+    configs = {"alpha": LoRAConfig(rank=4, alpha=8.0, dropout=0.0, target_modules=("q_proj", "v_proj"),
+                                   trainable_token_indices=[4, 5]),
+               "beta": LoRAConfig(rank=4, alpha=8.0, dropout=0.0, target_modules=("q_proj", "v_proj")),
+               "delta": LoRAConfig(rank=2, alpha=2.0, dropout=0.0, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
+                                   trainable_token_indices=[4, 5])}
+    for seed, (name, config) in enumerate(configs.items(), 1):
         adapted = build_tiny_model("gemma3")
-        config = LoRAConfig(rank=4, alpha=8.0, dropout=0.0, target_modules=("q_proj", "v_proj"))
         inject_lora(adapted, config)
+        if config.trainable_token_indices:
+            inject_trainable_tokens(adapted, config.trainable_token_indices)
         torch.manual_seed(seed)
         for parameter_name, parameter in adapted.named_parameters():
             if "lora_B" in parameter_name:
                 parameter.data.normal_(0, 2.0)
+            elif "trainable_tokens_delta" in parameter_name:  # moved off the base rows, not so far that every answer ends at once
+                parameter.data.add_(torch.randn_like(parameter), alpha=0.05)
         adapters[name] = tmp_path_factory.mktemp(name)
         save_adapter(adapted, adapters[name], config)
     return folder, adapters
@@ -51,9 +63,8 @@ def model_and_adapters(tmp_path_factory):
 class Running:
     """A server on a free port in a thread, stopped at teardown."""
 
-    def __init__(self, generators: dict[str, Generator], limits: app.ServerLimits = app.ServerLimits(),
-                 **scheduler_options):
-        self.scheduler = BatchScheduler(generators, **scheduler_options)
+    def __init__(self, models: dict, limits: app.ServerLimits = app.ServerLimits(), **scheduler_options):
+        self.scheduler = BatchScheduler(models, **scheduler_options)
         self.scheduler.start()
         sock = app.listen("127.0.0.1", 0)
         self.port = sock.getsockname()[1]
@@ -81,50 +92,71 @@ class Running:
         return response.status, json.loads(response.read())
 
 
+MODELS = ["base", "alpha", "beta", "delta"]
+
+
 @pytest.fixture(scope="module")
-def generators(model_and_adapters):
+def models(model_and_adapters):
     folder, adapters = model_and_adapters
-    return app.load_generators(str(folder), adapters, "cpu")
+    return load_models(str(folder), adapters, "cpu")
 
 
 @pytest.fixture(scope="module")
-def server(generators):
-    running = Running(generators, max_batch=8, gather_seconds=0.1)
+def alone(model_and_adapters) -> dict[str, Generator]:
+    """Each model on its own copy of the base, as a single adapter is loaded (generate.py): the reference."""
+    folder, adapters = model_and_adapters
+    return {"base": Generator.load(str(folder), device="cpu"),
+            **{name: Generator.load(str(folder), str(adapter), "cpu") for name, adapter in adapters.items()}}
+
+
+@pytest.fixture(scope="module")
+def server(models):
+    running = Running(models, max_batch=8, gather_seconds=0.1)
     yield running
     running.stop()
 
 
-def direct(generators, model: str, prompt: str, max_tokens: int) -> str:
-    """What the Generator (gemma/generation.py) writes for the prompt alone."""
-    return generators[model].complete([prompt], GenerationSettings(max_new_tokens=max_tokens))[0].text
+def direct(alone, model: str, prompt: str, max_tokens: int) -> str:
+    """What the model's own Generator (gemma/generation.py) writes for the prompt alone."""
+    return alone[model].complete([prompt], GenerationSettings(max_new_tokens=max_tokens))[0].text
 
 
 def test_the_models_are_listed_and_health_says_ok(server):
-    assert [model.id for model in server.client.models.list().data] == ["base", "alpha", "beta"]
+    assert [model.id for model in server.client.models.list().data] == MODELS
     health = server.health()
-    assert health["status"] == "ok" and health["models"] == ["base", "alpha", "beta"]
+    assert health["status"] == "ok" and health["models"] == MODELS
 
 
-def test_chat_answers_are_the_generator_s_and_carry_the_code(server, generators):
+def test_the_adapters_share_one_copy_of_the_base(server, models):
+    memory = server.health()["memory"]
+    assert memory["base_copies"] == 1 and memory["adapters"] == 3
+    assert len({id(served.generator.model) for served in models.values()}) == 1
+    # alpha and beta: r=4 on q and v (2 layers); delta: r=2 on q, k, v, o; alpha and delta: two 64-wide rows
+    q_v = 2 * 4 * ((64 + 64) + (64 + 16))
+    q_k_v_o = 2 * 2 * ((64 + 64) + (64 + 16) + (64 + 16) + (64 + 64))
+    assert memory["adapters_mib"] == round(4 * (2 * q_v + q_k_v_o + 2 * 2 * 64) / 2**20, 2)
+
+
+def test_chat_answers_are_the_generator_s_and_carry_the_code(server, alone):
     messages = [{"role": "user", "content": "Write fib"}]
     answers = {}
-    for model in ("base", "alpha", "beta"):
+    for model in MODELS:
         response = server.client.chat.completions.create(model=model, messages=messages, max_tokens=12)
         choice = response.choices[0]
         assert choice.message.role == "assistant"
-        assert choice.message.content == direct(generators, model, user_turn("Write fib"), 12)
+        assert choice.message.content == direct(alone, model, user_turn("Write fib"), 12)
         assert choice.message.model_extra["code"] == extract_code(choice.message.content)
         assert choice.finish_reason in ("stop", "length")
-        assert response.usage.prompt_tokens == len(generators[model].tokenizer(user_turn("Write fib")).input_ids)
+        assert response.usage.prompt_tokens == len(alone[model].tokenizer(user_turn("Write fib")).input_ids)
         answers[model] = choice.message.content
-    assert len(set(answers.values())) == 3  # each adapter answers with its own weights
+    assert len(set(answers.values())) == 4  # each adapter answers with its own weights
 
 
-def test_completions_take_a_list_of_prompts(server, generators):
+def test_completions_take_a_list_of_prompts(server, alone):
     prompts = ["def add(a, b):\n", "x = "]
     response = server.client.completions.create(model="alpha", prompt=prompts, max_tokens=10)
     assert [choice.index for choice in response.choices] == [0, 1]
-    assert [choice.text for choice in response.choices] == [direct(generators, "alpha", p, 10) for p in prompts]
+    assert [choice.text for choice in response.choices] == [direct(alone, "alpha", p, 10) for p in prompts]
     assert response.usage.completion_tokens <= 20
 
 
@@ -152,7 +184,7 @@ def test_a_stop_string_ends_the_answer_and_is_never_streamed(server):
     assert cut.choices[0].finish_reason == "stop"
 
 
-def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server, generators):
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server, alone):
     instructions = [f"Write function number {index}" for index in range(6)]
     before = server.health()
 
@@ -164,9 +196,30 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server, ge
     with ThreadPoolExecutor(len(instructions)) as pool:
         answers = list(pool.map(ask, instructions))
     after = server.health()
-    assert answers == [direct(generators, "alpha", user_turn(text), 10) for text in instructions]
+    assert answers == [direct(alone, "alpha", user_turn(text), 10) for text in instructions]
     assert after["requests"] - before["requests"] == 6
     assert after["batches"] - before["batches"] < 6 and after["largest_batch"] > 1
+
+
+def test_requests_for_different_adapters_share_a_batch_and_each_gets_its_adapter_s_answer(server, alone):
+    """Twelve requests sent together, three for each model: one batch of mixed rows, and every answer is
+    the one its model gives alone (its LoRA weights and its own turn-marker rows, at both ends)."""
+    asks = [(MODELS[index % 4], f"Write function number {index}") for index in range(12)]
+    before = server.health()
+
+    def ask(model_and_text: tuple[str, str]) -> str:
+        model, text = model_and_text
+        response = server.client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": text}], max_tokens=12)
+        return response.choices[0].message.content
+
+    with ThreadPoolExecutor(len(asks)) as pool:
+        answers = list(pool.map(ask, asks))
+    after = server.health()
+    assert answers == [direct(alone, model, user_turn(text), 12) for model, text in asks]
+    assert after["batches"] - before["batches"] <= 3 and after["largest_batch"] == 8  # --max-batch 8, mixed
+    assert len(set(answers)) > 4
+
 
 
 @pytest.mark.parametrize("body, status, message", [
@@ -224,12 +277,12 @@ def test_a_client_that_goes_away_frees_its_row(server, stream):
     assert after["new_tokens"] - before["new_tokens"] < LONG
 
 
-def test_requests_beyond_the_queue_bound_get_429(generators):
-    blocked = BatchScheduler(generators, max_queued=1)  # never started: what is queued stays queued
+def test_requests_beyond_the_queue_bound_get_429(models):
+    blocked = BatchScheduler(models, max_queued=1)  # never started: what is queued stays queued
     blocked.submit([Job("base", "x", GenerationSettings(), (), on_done=lambda result: None)])
     with pytest.raises(QueueFull, match="1 requests are waiting"):
         blocked.submit([Job("base", "y", GenerationSettings(), (), on_done=lambda result: None)])
-    full = Running(generators, max_queued=1)
+    full = Running(models, max_queued=1)
     try:
         with pytest.raises(openai.RateLimitError, match="the server is busy"):
             full.client.completions.create(model="base", prompt=["a", "b"], max_tokens=2)
@@ -261,8 +314,8 @@ def test_a_port_in_use_is_one_line_and_exit_2(model_and_adapters, capsys):
 
 
 @pytest.fixture(scope="module")
-def limited(generators):
-    running = Running(generators, app.ServerLimits(max_tokens=40, max_prompt_tokens=30, max_body_bytes=600))
+def limited(models):
+    running = Running(models, app.ServerLimits(max_tokens=40, max_prompt_tokens=30, max_body_bytes=600))
     yield running
     running.stop()
 
@@ -303,9 +356,9 @@ def test_prompts_are_tokenized_off_the_event_loop(limited, monkeypatch):
     assert "tokenizer_0" in threads and limited.thread.name not in threads  # not the event loop's thread
 
 
-def test_streaming_decodes_only_the_newest_tokens(server, generators, monkeypatch):
+def test_streaming_decodes_only_the_newest_tokens(server, models, monkeypatch):
     """The stream's text is the answer's, and decoding it costs about as many tokens as it has, not their square."""
-    tokenizer = generators["base"].tokenizer
+    tokenizer = models["base"].generator.tokenizer
     decoded = []
     decode = type(tokenizer).decode
 
@@ -324,13 +377,13 @@ def test_streaming_decodes_only_the_newest_tokens(server, generators, monkeypatc
     assert sum(decoded) < 2_500
 
 
-def test_a_dead_worker_fails_health_and_every_request_at_once(generators, monkeypatch):
-    running = Running(generators)
+def test_a_dead_worker_fails_health_and_every_request_at_once(models, monkeypatch):
+    running = Running(models)
     try:
         def die(*args, **kwargs):
             raise SystemExit("the worker thread ends")
 
-        monkeypatch.setattr(generators["base"], "generate_batch", die)
+        monkeypatch.setattr(models["base"].generator, "generate_batch", die)
         code, answer = running.request("POST", "/v1/chat/completions", chat_body("x", max_tokens=4))
         assert code == 503 and "batch worker has stopped" in answer["error"]["message"]
         running.scheduler._thread.join(timeout=10)
@@ -344,8 +397,8 @@ def test_a_dead_worker_fails_health_and_every_request_at_once(generators, monkey
         running.stop()
 
 
-def test_a_failing_callback_does_not_strand_the_batch_s_other_requests(generators):
-    scheduler = BatchScheduler(generators, gather_seconds=0.1)
+def test_a_failing_callback_does_not_strand_the_batch_s_other_requests(models):
+    scheduler = BatchScheduler(models, gather_seconds=0.1)
     results = {}
     done = threading.Event()
 
