@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="serving-adapters-") as name:
         scratch = Path(name)
-        adapters = given + derive_adapters(given[0], 4 - len(given), scratch)[1:]
+        # Absolute: the baseline server runs in a checkout of its own.
+        adapters = [folder.resolve() for folder in given] + derive_adapters(given[0], 4 - len(given), scratch)[1:]
         names = [f"adapter{index}" for index in range(1, len(adapters) + 1)]
         served = ["--model", args.model, "--max-batch", str(args.max_batch), "--max-queue", "256",
                   *[option for label, folder in zip(names, adapters) for option in ("--adapter", f"{label}={folder}")]]
@@ -162,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                        per_client=args.requests_per_client, max_tokens=args.max_tokens)
         alone = base_alone_mib(args.model, scratch)
         shared = serve_and_load("one base, mixed batches", served, scratch / "shared.log", ROOT, **options)
+        print(shared.row(alone), flush=True)
         tree = scratch / "baseline"
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), args.baseline],
                        check=True, capture_output=True)
