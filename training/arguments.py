@@ -7,12 +7,12 @@ import argparse
 
 from common.files import OUTPUTS
 from common.options import COUNT, DEVICE, DROPOUT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, SEED, ranged
-from training.config import EMBEDDED_CPU, STUDY, TrainConfig
+from training.config import EMBEDDED, STUDY, TrainConfig
 
 
 def recipe_default(field: str) -> str:
     """The --help text of a setting the recipe fills: both recipes' values."""
-    return f"default: {getattr(STUDY, field):g}; {getattr(EMBEDDED_CPU, field):g} for the embedded defaults on a CPU"
+    return f"default: {getattr(EMBEDDED, field):g} for the embedded model and corpus, {getattr(STUDY, field):g} (the study's) otherwise"
 
 
 def parse_args(argv: list[str] | None, description: str | None = None) -> TrainConfig:

@@ -32,7 +32,7 @@ from training.repetition import looping_batch, newline_token_ids
 from training.run_log import (
     SUMMARY_NAME, peak_memory_bytes, plot_losses, record, summarize, truncate_metrics, write_settings,
 )
-from training.setup import TrainError, prepare_model, resolve_trainable_tokens
+from training.setup import TrainError, compiles_layers, prepare_model, resolve_trainable_tokens
 from training.step import apply_update, held_out_losses, interrupts_held, step_gradients
 
 
@@ -49,7 +49,7 @@ def run(config: TrainConfig, after_step: Callable[[int], None] | None = None) ->
     world = distributed.start(config.device)
     device = world.device
     try:
-        config = resolve_defaults(config, device)
+        config = resolve_defaults(config)
         with ExitStack() as held:
             with all_or_none(world, "start"):  # a rank that cannot start stops the others at once
                 if world.is_main:
@@ -257,6 +257,7 @@ def _train(training: Training, after_step: Callable[[int], None] | None) -> dict
     summary = summarize(model, history, wall_s, peak_memory_bytes(device), training.dropped,
                         {"epochs": config.epochs, "max_length": config.max_length, "qlora": config.qlora,
                          "processes": world.size, "compute_dtype": hardware.dtype_name(dtype),
+                         "compiled_layers": compiles_layers(config, device),
                          "warmup_steps": training.warmup})
     (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
     return summary

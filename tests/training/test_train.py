@@ -24,10 +24,11 @@ from training import loop
 from training.arguments import parse_args
 from training.checkpoint import CheckpointError, checkpoint_dirs, hold_output_folder
 from training.config import STUDY, TrainConfig, resolve_defaults
+from training.distributed import World
 from training.loss import count_supervised, supervised_loss_sum
 from training.optimizer import learning_rate, warmup_for
 from training.run_log import summary_line
-from training.setup import TrainError, apply_speed_options
+from training.setup import TrainError, apply_speed_options, compiles_layers
 from training.step import accumulate_gradients
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,18 +58,31 @@ def test_an_explicit_warmup_is_applied_as_asked_and_one_longer_than_the_run_is_r
 
 
 def test_the_recipe_fills_only_what_the_user_left_to_it():
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    embedded = resolve_defaults(TrainConfig(), cpu)
+    embedded = resolve_defaults(TrainConfig())
     assert (embedded.epochs, embedded.max_length, embedded.lr, embedded.token_lr_scale) == (2, 256, 1e-3, 2.5)
-    assert (embedded.repetition, embedded.repetition_from_copy) == (1.0, 3)  # DITTO on the CPU default only
+    assert (embedded.repetition, embedded.repetition_from_copy) == (1.0, 3)  # DITTO in the embedded recipe only
     # The token rows' own rate is the same 2.5e-3 as in the study's recipe: only the LoRA rate moved.
     assert embedded.lr * embedded.token_lr_scale == pytest.approx(STUDY.lr * STUDY.token_lr_scale)
-    for config, device in ((TrainConfig(), cuda), (TrainConfig(model="google/gemma-2-2b"), cpu)):
-        resolved = resolve_defaults(config, device)
+    for config in (TrainConfig(model="google/gemma-2-2b"), TrainConfig(dataset="rows.jsonl")):
+        resolved = resolve_defaults(config)
         assert (resolved.epochs, resolved.max_length, resolved.lr, resolved.token_lr_scale) == (3, 768, 2.5e-4, 10.0)
         assert resolved.repetition == 0.0
-    chosen = resolve_defaults(parse_args(["--lr", "3e-4", "--epochs", "1"]), cpu)
+    chosen = resolve_defaults(parse_args(["--lr", "3e-4", "--epochs", "1"]))
     assert (chosen.lr, chosen.epochs, chosen.max_length, chosen.token_lr_scale) == (3e-4, 1, 256, 2.5)
+
+
+def test_make_train_records_the_same_recipe_on_a_cpu_and_on_a_gpu():
+    """The train_config.json of `make train --device cpu` and of the same on a device named cuda (resolved as
+    the run resolves it; no GPU needed): only the device differs. Compiling, a speed option whose default is
+    on CUDA only, is decided when the model is set up and recorded in train_summary.json."""
+    on_cpu = parse_args(["--device", "cpu"])
+    on_gpu = dataclasses.replace(on_cpu, device="cuda")  # parse_args would check that this machine has one
+    records = {config.device: loop.run_settings(resolve_defaults(config), World(device=torch.device(config.device)))
+               for config in (on_cpu, on_gpu)}
+    assert {key for key in records["cpu"] if records["cpu"][key] != records["cuda"][key]} == {"device"}
+    assert records["cuda"]["lr"] == 1e-3 and records["cuda"]["repetition"] == 1.0  # the embedded recipe
+    assert records["cuda"]["compile"] is None
+    assert (compiles_layers(on_cpu, torch.device("cpu")), compiles_layers(on_gpu, torch.device("cuda"))) == (False, True)
 
 
 # ------------------------------------------------------------------ loss
@@ -192,6 +206,7 @@ def test_run_writes_adapter_metrics_plot_and_summary(tiny_setup, tmp_path):
         assert (out / name).exists(), name
     assert summary["steps"] == 6 and math.isfinite(summary["final_train_loss"])
     assert summary["warmup_steps"] == 1  # 5% of 6 steps
+    assert summary["compiled_layers"] is False  # the default on the CPU
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4, 5, 6]
     assert [m["step"] for m in metrics if "held_out_loss" in m] == [0, 3, 6]
