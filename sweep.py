@@ -42,8 +42,9 @@ from training.config import resolve_defaults
 from training.run_log import plot_training_curves, read_metrics, read_summary
 
 HERE = Path(__file__).resolve().parent
-# Settings that say where or how a run was started, not what it trained.
-NOT_RECIPE = {"out", "overwrite", "device", "world_size", "compile", "gradient_checkpointing"}
+# Settings that say where or how a run was started, not what it trained, or that the run fills in from the
+# others (schedule_steps: from the data, epochs and max_steps).
+NOT_RECIPE = {"out", "overwrite", "device", "world_size", "compile", "gradient_checkpointing", "schedule_steps"}
 
 
 @dataclass(frozen=True)

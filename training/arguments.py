@@ -56,6 +56,10 @@ def parse_args(argv: list[str] | None, description: str | None = None) -> TrainC
     add("--epochs", type=COUNT, default=None,
         help=f"passes over the data ({recipe_default('epochs')})")
     add("--max-steps", type=COUNT, default=None, help="stop after this many optimizer steps")
+    add("--schedule-steps", type=COUNT, default=None,
+        help="optimizer steps the learning rate's warmup and cosine span; at least the run's, which is the default. "
+             "A run's train_config.json records it, so that re-running that file with --max-steps N trains "
+             "exactly the run's first N steps")
     add("--max-length", type=COUNT, default=None,
         help=f"drop longer rows ({recipe_default('max_length')})")
     add("--grad-clip", type=POSITIVE, default=defaults.grad_clip, help="gradient norm clip (default: %(default)s)")

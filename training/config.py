@@ -54,6 +54,9 @@ class TrainConfig:
     warmup_steps: int | None = None  # None: 5% of the run, at most the study's 150; given: applied as asked
     epochs: int | None = None  # None: the recipe's
     max_steps: int | None = None
+    # The steps the learning rate warms up and decays over; None: the run's own (filled in when it starts, so
+    # that its train_config.json re-run with --max-steps N trains exactly the run's first N steps).
+    schedule_steps: int | None = None
     max_length: int | None = None  # None: the recipe's
     grad_clip: float = 1.0
     unlikelihood: float = 0.0  # weight of the token-level unlikelihood term against repeating the answer's tokens

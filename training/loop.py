@@ -105,8 +105,9 @@ def _setup(config: TrainConfig, device: torch.device, world: World) -> Training:
     step_rows = [[row for micro in schedule[i:i + config.grad_accum] for row in micro]
                  for i in range(0, len(schedule), config.grad_accum)]
     total_steps = min(len(windows), config.max_steps or len(windows))
+    config = with_schedule(config, total_steps)
     try:
-        warmup = warmup_for(total_steps, config.warmup_steps)
+        warmup = warmup_for(config.schedule_steps, config.warmup_steps)
     except ValueError as error:
         raise TrainError(str(error)) from None
     eval_batches = [collate(held_out[i:i + config.batch_size], tokenizer.pad_token_id)
@@ -117,7 +118,8 @@ def _setup(config: TrainConfig, device: torch.device, world: World) -> Training:
     model = prepare_model(config, lora, device, dtype)
     if world.is_main:
         print(hardware.describe_compute(device, dtype))
-        print(f"schedule: {total_steps} optimizer steps, warmup {warmup} "
+        steps = total_steps if total_steps == config.schedule_steps else f"the first {total_steps} of {config.schedule_steps}"
+        print(f"schedule: {steps} optimizer steps, warmup {warmup} "
               + ("(--warmup-steps, as asked)" if config.warmup_steps is not None else "(5% of the run, at most 150)"))
         if token_ids:
             print(describe_token_rows(model, tokenizer, token_ids))
@@ -135,6 +137,17 @@ def _setup(config: TrainConfig, device: torch.device, world: World) -> Training:
         fingerprint=fingerprint, settings=settings, model=model, lora=lora, parameters=parameters,
         optimizer=optimizer, start_step=start_step, started=started,
     )
+
+
+def with_schedule(config: TrainConfig, total_steps: int) -> TrainConfig:
+    """`config` with the length of its learning-rate schedule set: the run's `total_steps` unless
+    --schedule-steps asks for more."""
+    if config.schedule_steps is None:
+        return dataclasses.replace(config, schedule_steps=total_steps)
+    if config.schedule_steps < total_steps:
+        raise TrainError(f"--schedule-steps {config.schedule_steps} is shorter than the run ({total_steps} optimizer "
+                         "steps): its learning rate would reach zero before the end")
+    return config
 
 
 def _setup_data(config: TrainConfig, tokenizer, world: World) -> tuple[list[dict], list[dict], int]:
@@ -207,7 +220,7 @@ def _train(training: Training, after_step: Callable[[int], None] | None) -> dict
     try:
         for step in range(training.start_step, training.total_steps):
             step_started = time.time()
-            lr = learning_rate(step, config.lr, training.warmup, training.total_steps)
+            lr = learning_rate(step, config.lr, training.warmup, config.schedule_steps)
             set_learning_rate(optimizer, lr)
             window = [[training.examples[i] for i in micro] for micro in training.windows[step]]
             batches = [collate(examples, training.pad_id) for examples in window]

@@ -360,6 +360,46 @@ def test_a_resumed_run_s_wall_time_adds_the_earlier_parts(tiny_setup, tmp_path):
     assert steps[-1] <= summary["wall_s"] < 3600 + 60
 
 
+def step_lines(out: Path) -> list[dict]:
+    """metrics.jsonl's entries without the timings, which differ from run to run."""
+    timings = {"seconds", "tokens_per_s", "wall_s", "peak_memory_gb"}
+    return [{key: value for key, value in json.loads(line).items() if key not in timings}
+            for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_recorded_schedule_makes_a_shorter_run_the_first_steps_of_the_recorded_one(tiny_setup, tmp_path):
+    """27 steps warm up over 2; a 2-step run of its own would warm up over 1 and differ from step 2 on."""
+    whole = tiny_config(tiny_setup, tmp_path / "whole", epochs=2, max_steps=None)
+    loop.run(whole)
+    record = json.loads((tmp_path / "whole" / "train_config.json").read_text())
+    assert record["schedule_steps"] == 27 and json.loads((tmp_path / "whole" / "train_summary.json").read_text())[
+        "warmup_steps"] == 2
+    loop.run(dataclasses.replace(whole, out=str(tmp_path / "first"), max_steps=2, schedule_steps=27))
+    loop.run(dataclasses.replace(whole, out=str(tmp_path / "own"), max_steps=2))
+    first_steps = [line for line in step_lines(tmp_path / "whole") if line["step"] <= 2][:3]  # held-out at 0, steps 1-2
+    assert step_lines(tmp_path / "first")[:3] == first_steps
+    assert step_lines(tmp_path / "own")[2]["loss"] != first_steps[2]["loss"]
+
+
+def test_a_schedule_shorter_than_the_run_is_refused(tiny_setup, tmp_path):
+    with pytest.raises(TrainError, match=r"--schedule-steps 3 is shorter than the run \(6 optimizer steps\)"):
+        loop.run(tiny_config(tiny_setup, tmp_path / "run", schedule_steps=3))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_from_before_the_schedule_was_recorded_resumes(tiny_setup, tmp_path):
+    loop.run(tiny_config(tiny_setup, tmp_path / "straight"))
+    out = tmp_path / "run"
+    with pytest.raises(TrainError):
+        loop.run(tiny_config(tiny_setup, out), after_step=interrupt_at(2))
+    state_file = out / "checkpoint-000002" / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]["schedule_steps"]
+    state_file.write_text(json.dumps(state))
+    loop.run(tiny_config(tiny_setup, out))
+    assert_same_adapter(tmp_path / "straight", out)
+
+
 def test_resume_with_a_changed_config_is_refused_unless_overwrite(tiny_setup, tmp_path):
     out = tmp_path / "run"
     loop.run(tiny_config(tiny_setup, out, max_steps=2))
