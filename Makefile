@@ -1,5 +1,6 @@
 # Everything runs inside .venv, created on first use from the pinned requirements files.
-# Overridable: make train RANK=8 MODEL=google/gemma-2-2b DATASET=iamtarun/python_code_instructions_18k_alpaca
+# Overridable: make train RECIPE=recipes/study-gemma-2-2b.yaml (a file of settings; the others override it)
+#              RANK=8 MODEL=google/gemma-2-2b DATASET=iamtarun/python_code_instructions_18k_alpaca
 #              EPOCHS=3 MAX_STEPS=100 SEED=1 OUT=outputs/my_run NPROC=2
 #              OUTPUTS=DIR (where make eval and make serve find adapters), VENV=DIR (another virtualenv)
 VENV ?= .venv
@@ -15,12 +16,16 @@ LIMIT ?=
 PORT ?= 8000
 OUTPUTS ?= outputs
 NPROC ?=
+RECIPE ?=
 
 # NPROC=N: N processes under torchrun (gloo on the CPU, nccl on GPUs), one shared run (distributed.py).
 TRAINER = $(if $(NPROC),$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC),$(PYTHON))
 
-# Optional overrides become flags only when set.
-TRAIN_FLAGS = --model $(MODEL) --dataset $(DATASET) --rank $(RANK) \
+# Optional overrides become flags only when set. MODEL, DATASET and RANK have defaults for the other targets:
+# they become flags only when given (on the command line or in the environment), so as not to override RECIPE.
+given = $(filter command line environment,$(origin $(1)))
+TRAIN_FLAGS = $(if $(RECIPE),--config $(RECIPE)) $(if $(call given,MODEL),--model $(MODEL)) \
+	$(if $(call given,DATASET),--dataset $(DATASET)) $(if $(call given,RANK),--rank $(RANK)) \
 	$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(MAX_STEPS),--max-steps $(MAX_STEPS)) $(if $(SEED),--seed $(SEED)) $(if $(OUT),--out $(OUT))
 
 .PHONY: venv test smoke train qlora eval sweep serve bench bench-profile bench-serve bench-serve-load data

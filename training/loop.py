@@ -118,7 +118,8 @@ def _setup(config: TrainConfig, device: torch.device, world: World) -> Training:
     model = prepare_model(config, lora, device, dtype)
     if world.is_main:
         print(hardware.describe_compute(device, dtype))
-        steps = total_steps if total_steps == config.schedule_steps else f"the first {total_steps} of {config.schedule_steps}"
+        steps = (total_steps if total_steps == config.schedule_steps
+                 else f"the first {total_steps} of {config.schedule_steps}")
         print(f"schedule: {steps} optimizer steps, warmup {warmup} "
               + ("(--warmup-steps, as asked)" if config.warmup_steps is not None else "(5% of the run, at most 150)"))
         if token_ids:

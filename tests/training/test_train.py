@@ -82,7 +82,7 @@ def test_make_train_records_the_same_recipe_on_a_cpu_and_on_a_gpu():
     assert {key for key in records["cpu"] if records["cpu"][key] != records["cuda"][key]} == {"device"}
     assert records["cuda"]["lr"] == 1e-3 and records["cuda"]["repetition"] == 1.0  # the embedded recipe
     assert records["cuda"]["compile"] is None
-    assert (compiles_layers(on_cpu, torch.device("cpu")), compiles_layers(on_gpu, torch.device("cuda"))) == (False, True)
+    assert not compiles_layers(on_cpu, torch.device("cpu")) and compiles_layers(on_gpu, torch.device("cuda"))
 
 
 # ------------------------------------------------------------------ loss
@@ -367,16 +367,19 @@ def step_lines(out: Path) -> list[dict]:
             for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_the_recorded_schedule_makes_a_shorter_run_the_first_steps_of_the_recorded_one(tiny_setup, tmp_path):
-    """27 steps warm up over 2; a 2-step run of its own would warm up over 1 and differ from step 2 on."""
-    whole = tiny_config(tiny_setup, tmp_path / "whole", epochs=2, max_steps=None)
-    loop.run(whole)
-    record = json.loads((tmp_path / "whole" / "train_config.json").read_text())
-    assert record["schedule_steps"] == 27 and json.loads((tmp_path / "whole" / "train_summary.json").read_text())[
-        "warmup_steps"] == 2
-    loop.run(dataclasses.replace(whole, out=str(tmp_path / "first"), max_steps=2, schedule_steps=27))
-    loop.run(dataclasses.replace(whole, out=str(tmp_path / "own"), max_steps=2))
+def test_a_run_s_train_config_json_re_run_with_max_steps_trains_the_run_s_first_steps(tiny_setup, tmp_path):
+    """python train.py --config RUN/train_config.json --out NEW --max-steps 2: the run's first two steps, line for
+    line in metrics.jsonl (timings aside). The run's 27 steps warm up over 2; without the schedule its record
+    keeps, a 2-step run warms up over 1 and differs from step 2 on."""
+    loop.run(tiny_config(tiny_setup, tmp_path / "whole", epochs=2, max_steps=None))
+    record = tmp_path / "whole" / "train_config.json"
+    assert json.loads(record.read_text())["schedule_steps"] == 27
+    assert json.loads((tmp_path / "whole" / "train_summary.json").read_text())["warmup_steps"] == 2
+    again = ["--config", str(record), "--max-steps", "2"]
+    assert train.main([*again, "--out", str(tmp_path / "first")]) == 0
+    assert train.main([*again, "--out", str(tmp_path / "own"), "--schedule-steps", "2"]) == 0
     first_steps = [line for line in step_lines(tmp_path / "whole") if line["step"] <= 2][:3]  # held-out at 0, steps 1-2
+    assert [line["step"] for line in first_steps] == [0, 1, 2]
     assert step_lines(tmp_path / "first")[:3] == first_steps
     assert step_lines(tmp_path / "own")[2]["loss"] != first_steps[2]["loss"]
 
