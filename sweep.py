@@ -44,7 +44,8 @@ from training.run_log import plot_training_curves, read_metrics, read_summary
 HERE = Path(__file__).resolve().parent
 # Settings that say where or how a run was started, not what it trained, or that the run fills in from the
 # others (schedule_steps: from the data, epochs and max_steps).
-NOT_RECIPE = {"out", "overwrite", "device", "world_size", "compile", "gradient_checkpointing", "schedule_steps"}
+NOT_RECIPE = {"out", "overwrite", "device", "world_size", "compile", "gradient_checkpointing", "schedule_steps",
+              "report_to"}
 
 
 @dataclass(frozen=True)

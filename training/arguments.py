@@ -9,6 +9,7 @@ from common.files import OUTPUTS, FileError
 from common.options import COUNT, DEVICE, DROPOUT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, SEED, ranged
 from training.config import EMBEDDED, STUDY, TrainConfig
 from training.config_file import settings_from_file
+from training.reporting import report_target
 
 
 def recipe_default(field: str) -> str:
@@ -96,6 +97,9 @@ def parse_args(argv: list[str] | None, description: str | None = None) -> TrainC
     add("--save-every", type=COUNT, default=defaults.save_every, help="checkpoint every N steps (default: %(default)s)")
     add("--eval-every", type=COUNT, default=defaults.eval_every, help="held-out loss every N steps (default: %(default)s)")
     add("--eval-rows", type=COUNT, default=defaults.eval_rows, help="held-out rows for the loss (default: %(default)s)")
+    add("--report-to", type=report_target, default=defaults.report_to,
+        help="also log every number of metrics.jsonl to TensorBoard, in OUT/tensorboard (tensorboard: make tensorboard "
+             "installs it and shows the runs), or nowhere else (default: %(default)s)")
     add("--device", type=DEVICE, default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
     add("--overwrite", action=argparse.BooleanOptionalAction, default=defaults.overwrite,
         help="discard an existing checkpoint in --out instead of resuming")

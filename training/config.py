@@ -67,6 +67,7 @@ class TrainConfig:
     save_every: int = 25  # a checkpoint is small (adapter + AdamW state): a killed run loses little
     eval_every: int = 100  # each held-out pass costs about 1.5 optimizer steps on the CPU
     eval_rows: int = 64
+    report_to: str = "none"  # where the metrics go besides metrics.jsonl: none or tensorboard (training/reporting.py)
     device: str | None = None
     overwrite: bool = False
 

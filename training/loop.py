@@ -29,6 +29,7 @@ from training.distributed import (
 )
 from training.optimizer import learning_rate, make_optimizer, set_learning_rate, warmup_for
 from training.repetition import looping_batch, newline_token_ids
+from training.reporting import reporting
 from training.run_log import (
     SUMMARY_NAME, peak_memory_bytes, plot_losses, record, summarize, truncate_metrics, write_settings,
 )
@@ -56,7 +57,9 @@ def run(config: TrainConfig, after_step: Callable[[int], None] | None = None) ->
                     held.enter_context(hold_output_folder(Path(config.out)))
                 training = _setup(config, device, world)  # no collectives in here: a failed rank votes instead
             same_start(world, training.parameters)
-            return _train(training, after_step)
+            report = held.enter_context(reporting(config.report_to if world.is_main else "none", Path(config.out),
+                                                  training.start_step))
+            return _train(training, after_step, report)
     finally:
         distributed.finish(world)
 
@@ -183,7 +186,8 @@ def _looping_rows(training: Training, step: int) -> dict | None:
                          f"{config.seed}:{step}:0", training.pad_id, config.repetition_from_copy)
 
 
-def _train(training: Training, after_step: Callable[[int], None] | None) -> dict | None:
+def _train(training: Training, after_step: Callable[[int], None] | None,
+           report: Callable[[dict], None]) -> dict | None:
     config, model, world = training.config, training.model, training.world
     device, dtype, optimizer = training.device, training.dtype, training.optimizer
     out = Path(config.out)
@@ -196,6 +200,11 @@ def _train(training: Training, after_step: Callable[[int], None] | None) -> dict
             write_settings(out, settings)
         else:
             history = truncate_metrics(metrics_path, training.start_step)  # without lines written after the checkpoint
+
+    def log(entry: dict) -> None:
+        record(metrics_path, history, entry)
+        report(entry)
+
     # A resumed run's wall time adds this part of the run to the earlier parts (up to their last checkpoint).
     earlier_s = max((entry.get("wall_s", 0.0) for entry in history), default=0.0)
     model.train()
@@ -205,7 +214,7 @@ def _train(training: Training, after_step: Callable[[int], None] | None) -> dict
             return
         losses = held_out_losses(model, training.eval_batches, device, dtype, world)
         if world.is_main:
-            record(metrics_path, history, {"step": step, **losses})
+            log({"step": step, **losses})
 
     if training.start_step == 0:
         record_held_out(0)
@@ -239,7 +248,7 @@ def _train(training: Training, after_step: Callable[[int], None] | None) -> dict
             local_tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
             tokens = int(sum_over_ranks(world, [local_tokens])[0])
             if world.is_main:
-                record(metrics_path, history, {
+                log({
                     "step": completed, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                     "supervised_tokens": window_tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
                     "peak_memory_gb": peak_memory_bytes(device) / 1e9,

@@ -1,6 +1,7 @@
 """train.py --config FILE: the recipes under recipes/, flags over a file, and bad files."""
 
 import dataclasses
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,7 @@ def test_a_file_s_numbers_read_as_numbers(tmp_path):
     ("rank: 0\n", "rank: must be >= 1, got 0"),
     ("lr: -1e-3\n", "lr: must be > 0, got -0.001"),
     ("dropout: 1\n", "dropout: must be in [0, 1), got 1.0"),
+    ("report_to: wandb\n", "report_to: must be one of none, tensorboard, got 'wandb'"),
     ("world_size: 2\n", "world_size: the run was recorded with 2 processes and this one has 1; start it under "
                         "torchrun --nproc-per-node 2, or delete that line"),
     ("- rank: 8\n", "is not a list of settings (one `name: value` per line)"),
@@ -68,6 +70,20 @@ def test_a_bad_file_is_one_line_naming_the_file_and_the_key(capsys, tmp_path, te
         train.main(["--config", str(recipe), "--out", str(tmp_path / "out")])
     error = capsys.readouterr().err.strip().splitlines()[-1]  # argparse prints its usage above
     assert exit_.value.code == 2 and f"error: {recipe}" in error and message in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_tensorboard_not_installed_is_said_before_any_work(capsys, tmp_path, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name == "tensorboard" else
+                        find_spec(name, *rest))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("report_to: tensorboard\n")
+    for args in (["--report-to", "tensorboard"], ["--config", str(recipe)]):
+        with pytest.raises(SystemExit) as exit_:
+            train.main([*args, "--out", str(tmp_path / "out")])
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert exit_.value.code == 2 and "tensorboard is not installed: make tensorboard installs it" in error
     assert not (tmp_path / "out").exists()
 
 

@@ -384,6 +384,38 @@ def test_a_run_s_train_config_json_re_run_with_max_steps_trains_the_run_s_first_
     assert step_lines(tmp_path / "own")[2]["loss"] != first_steps[2]["loss"]
 
 
+def test_tensorboard_holds_every_number_of_metrics_jsonl_once_through_a_resume_and_a_fresh_start(tiny_setup, tmp_path):
+    """--report-to tensorboard, read back from the event files: the training loss of every step, the learning rate,
+    tokens/s, memory and the held-out losses, each at its step. A run that dies after its checkpoint at step 2
+    has logged step 3, which the resumed run logs again; a fresh start (--overwrite) hides the earlier run's."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+
+    def die_after_step_3(step: int) -> None:
+        if step == 3:
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        loop.run(tiny_config(tiny_setup, out, report_to="tensorboard"), after_step=die_after_step_3)
+    loop.run(tiny_config(tiny_setup, out, report_to="tensorboard"))
+
+    def assert_tensorboard_holds_metrics_jsonl(steps: int) -> None:
+        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        events = EventAccumulator(str(out / "tensorboard")).Reload()
+        assert [event.step for event in events.Scalars("loss")] == list(range(1, steps + 1))
+        for name in ("loss", "lr", "grad_norm", "tokens_per_s", "peak_memory_gb", "held_out_loss", "held_out_end_loss"):
+            expected = [(entry["step"], entry[name]) for entry in metrics if name in entry]
+            logged = [(event.step, event.value) for event in events.Scalars(name)]
+            assert [step for step, _ in logged] == [step for step, _ in expected], name
+            assert [value for _, value in logged] == pytest.approx([value for _, value in expected], rel=1e-6), name
+
+    assert_tensorboard_holds_metrics_jsonl(steps=6)
+    loop.run(tiny_config(tiny_setup, out, report_to="tensorboard", max_steps=4, overwrite=True))
+    assert_tensorboard_holds_metrics_jsonl(steps=4)
+
+
 def test_a_schedule_shorter_than_the_run_is_refused(tiny_setup, tmp_path):
     with pytest.raises(TrainError, match=r"--schedule-steps 3 is shorter than the run \(6 optimizer steps\)"):
         loop.run(tiny_config(tiny_setup, tmp_path / "run", schedule_steps=3))
@@ -526,6 +558,7 @@ def run_cli(capsys, *args) -> tuple[int, str]:
     (["--trainable-tokens", "<no_such_token>"], "not a single token of this tokenizer"),
     (["--repetition", "-0.5"], "argument --repetition: must be >= 0"),
     (["--repetition-rows", "0"], "argument --repetition-rows: must be >= 1"),
+    (["--report-to", "wandb"], "argument --report-to: must be one of none, tensorboard, got 'wandb'"),
 ])
 def test_bad_inputs_fail_with_one_clear_line(capsys, tmp_path, args, message):
     code, stderr = run_cli(capsys, *args, "--out", str(tmp_path / "out"))
