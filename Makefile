@@ -1,6 +1,7 @@
 # Everything runs inside .venv, created on first use from the pinned requirements files.
-# Overridable: make train RANK=8 MODEL=google/gemma-2-2b DATASET=iamtarun/python_code_instructions_18k_alpaca
-#              EPOCHS=3 MAX_STEPS=100 SEED=1 OUT=outputs/my_run NPROC=2
+# Overridable: make train RECIPE=recipes/study-gemma-2-2b.yaml (a file of settings; the others override it)
+#              RANK=8 MODEL=google/gemma-2-2b DATASET=iamtarun/python_code_instructions_18k_alpaca
+#              EPOCHS=3 MAX_STEPS=100 SEED=1 OUT=outputs/my_run NPROC=2 REPORT_TO=tensorboard
 #              OUTPUTS=DIR (where make eval and make serve find adapters), VENV=DIR (another virtualenv)
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
@@ -17,13 +18,21 @@ OUTPUTS ?= outputs
 ADAPTER ?= outputs/lora_r16
 BASELINE ?= e6f9fc5
 NPROC ?=
+RECIPE ?=
+REPORT_TO ?=
 
 # NPROC=N: N processes under torchrun (gloo on the CPU, nccl on GPUs), one shared run (distributed.py).
 TRAINER = $(if $(NPROC),$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC),$(PYTHON))
 
-# Optional overrides become flags only when set.
-TRAIN_FLAGS = --model $(MODEL) --dataset $(DATASET) --rank $(RANK) \
-	$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(MAX_STEPS),--max-steps $(MAX_STEPS)) $(if $(SEED),--seed $(SEED)) $(if $(OUT),--out $(OUT))
+# Optional overrides become flags only when set. MODEL, DATASET and RANK have defaults for the other targets:
+# they become flags only when given (on the command line or in the environment), so as not to override RECIPE.
+given = $(filter command line environment,$(origin $(1)))
+TRAIN_FLAGS = $(if $(RECIPE),--config $(RECIPE)) $(if $(call given,MODEL),--model $(MODEL)) \
+	$(if $(call given,DATASET),--dataset $(DATASET)) $(if $(call given,RANK),--rank $(RANK)) \
+	$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(MAX_STEPS),--max-steps $(MAX_STEPS)) $(if $(SEED),--seed $(SEED)) $(if $(OUT),--out $(OUT)) \
+	$(if $(REPORT_TO),--report-to $(REPORT_TO))
+# REPORT_TO=tensorboard installs TensorBoard (requirements-tensorboard.txt) before training.
+TRAIN_NEEDS = venv $(if $(filter tensorboard,$(REPORT_TO)),$(VENV)/.tensorboard-installed)
 
 .PHONY: venv gguf-venv test smoke train qlora eval sweep serve gguf-check bench bench-profile bench-serve bench-serve-load bench-serve-adapters data
 
@@ -59,12 +68,23 @@ smoke:
 	bash tests/smoke.sh
 
 # LoRA on q/k/v/o; default output outputs/lora_r$(RANK). Re-running resumes from its checkpoint.
-train: venv
+train: $(TRAIN_NEEDS)
 	$(TRAINER) train.py $(TRAIN_FLAGS)
 
 # QLoRA: NF4 base + LoRA; default output outputs/qlora_r$(RANK).
-qlora: venv
+qlora: $(TRAIN_NEEDS)
 	$(TRAINER) train.py --qlora $(TRAIN_FLAGS)
+
+# TensorBoard (requirements-tensorboard.txt, kept out of requirements.txt) on every run under $(OUTPUTS) that
+# logged to it (REPORT_TO=tensorboard, or train.py --report-to tensorboard): http://127.0.0.1:6006
+$(VENV)/.tensorboard-installed: $(VENV)/.runtime-installed requirements-tensorboard.txt
+	$(VENV)/bin/pip install -q -r requirements-tensorboard.txt
+	$(VENV)/bin/pip check
+	touch $@
+
+.PHONY: tensorboard
+tensorboard: $(VENV)/.tensorboard-installed
+	$(VENV)/bin/tensorboard --logdir $(OUTPUTS)
 
 # Base model and every adapter under $(OUTPUTS) (outputs/): syntax, BLEU, HumanEval pass@1 (sandboxed), with
 # 95% intervals -> outputs/model_comparison.csv / .md, outputs/rank_comparison.png. LIMIT=N for a quick look

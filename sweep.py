@@ -31,7 +31,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import hardware
 from common.files import OUTPUTS, FileError, check_writable, first_line
 from common.options import COUNT, DEVICE
 from evaluation import paired_tests
@@ -43,8 +42,10 @@ from training.config import resolve_defaults
 from training.run_log import plot_training_curves, read_metrics, read_summary
 
 HERE = Path(__file__).resolve().parent
-# Settings that say where or how a run was started, not what it trained.
-NOT_RECIPE = {"out", "overwrite", "device", "world_size", "compile", "gradient_checkpointing"}
+# Settings that say where or how a run was started, not what it trained, or that the run fills in from the
+# others (schedule_steps: from the data, epochs and max_steps).
+NOT_RECIPE = {"out", "overwrite", "device", "world_size", "compile", "gradient_checkpointing", "schedule_steps",
+              "report_to"}
 
 
 @dataclass(frozen=True)
@@ -66,11 +67,10 @@ class SweepError(RuntimeError):
     """The sweep cannot go on; the message is one line for the user."""
 
 
-def recipe(run: Run, model: str, dataset: str, device: str | None, outputs: Path) -> dict:
+def recipe(run: Run, model: str, dataset: str, outputs: Path) -> dict:
     """The settings train.py will record for this run, without where it was run."""
     config = parse_args(["--model", model, "--dataset", dataset, *run.train_arguments(outputs)])
-    resolved = resolve_defaults(config, hardware.pick_device(device))
-    return {key: value for key, value in dataclasses.asdict(resolved).items() if key not in NOT_RECIPE}
+    return {key: value for key, value in dataclasses.asdict(resolve_defaults(config)).items() if key not in NOT_RECIPE}
 
 
 def is_finished(run: Run, expected: dict, outputs: Path) -> bool:
@@ -108,7 +108,7 @@ def run_child(command: list[str]) -> None:
 
 def train_runs(args: argparse.Namespace, outputs: Path) -> None:
     for run in RUNS:
-        expected = recipe(run, args.model, args.dataset, args.device, outputs)
+        expected = recipe(run, args.model, args.dataset, outputs)
         if is_finished(run, expected, outputs):
             print(f"{run.name}: finished earlier ({outputs / run.name / 'train_summary.json'}), skipped", flush=True)
             continue

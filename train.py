@@ -2,8 +2,8 @@
 
     python train.py                          # LoRA r=16 on the embedded Gemma 3 270M and corpus
     python train.py --qlora                  # the same on an NF4-quantized base
-    python train.py --model google/gemma-2-2b \\
-        --dataset iamtarun/python_code_instructions_18k_alpaca   # the study's full run
+    python train.py --config recipes/study-gemma-2-2b.yaml   # the study's run, from a file of settings
+    python train.py --config outputs/lora_r16/train_config.json --out outputs/again   # a run again
 
 The loop, top to bottom: load the model (and quantize it for QLoRA), inject LoRA into q/k/v/o,
 tokenize the data, then for each optimizer step accumulate micro-batches with the loss averaged

@@ -66,12 +66,12 @@ class BenchSettings:
     device: str = "cpu"
     steps: int = 3
     warmup_steps: int = 1
-    max_length: int | None = None  # None: train.py's default for this model and device
+    max_length: int | None = None  # None: train.py's default for this model and data
     profile: bool = False  # torch.profiler over the timed steps (bench/profile.py); slows them down
 
     def train_config(self, variant: str) -> TrainConfig:
-        """train.py's config with its (the study's) hyper-parameters for this variant, resolved for this
-        device; compile, checkpointing and dropout 0 only where the variant names them."""
+        """train.py's config with its hyper-parameters for this model and data (resolve_defaults); compile,
+        checkpointing and dropout 0 only where the variant names them."""
         model, max_length = self.model, self.max_length
         if model == RANDOM_GEMMA2_2B:
             model, max_length = str(random_model_dir()), max_length or RANDOM_MODEL_LENGTH
@@ -80,7 +80,7 @@ class BenchSettings:
                                    max_length=max_length, compile=option == "compile",
                                    gradient_checkpointing=option == "ckpt",
                                    dropout=0.0 if option == "nodrop" else TrainConfig.dropout)
-        return resolve_defaults(config, torch.device(self.device))
+        return resolve_defaults(config)
 
 
 # ---------------------------------------------------------------------------------- the data

@@ -34,9 +34,13 @@ STATE_KEYS = ("step", "config", "data_fingerprint", "optimizer_param_groups", "p
 # Settings that may change between a run and its resumption without changing what is trained (compile
 # and gradient checkpointing change speed and memory, and the float rounding at most: the compiled layers
 # draw the same dropout masks, train_setup.apply_speed_options).
-RESUMABLE_CHANGES = {"out", "save_every", "eval_every", "overwrite", "device", "compile", "gradient_checkpointing"}
+RESUMABLE_CHANGES = {"out", "save_every", "eval_every", "overwrite", "device", "compile", "gradient_checkpointing",
+                     "report_to"}
 # Settings recorded since a later version, with the value that a checkpoint written before implies.
 ADDED_SETTINGS = {"world_size": 1}
+# Recorded since a later version and following from settings that are compared anyway (the schedule's length
+# from the data, --epochs and --max-steps): a checkpoint written before implies whatever this run has.
+DERIVED_SETTINGS = {"schedule_steps"}
 
 
 class CheckpointError(RuntimeError):
@@ -114,6 +118,7 @@ def start_or_resume(out: Path, settings: dict, fingerprint: str, model, optimize
 
 def _check_resumable(saved: dict, current: dict, directory: Path) -> None:
     changed = [key for key in current if key not in RESUMABLE_CHANGES
+               and not (key in DERIVED_SETTINGS and key not in saved)
                and saved.get(key, ADDED_SETTINGS.get(key)) != current[key]]
     if changed:
         key = changed[0]

@@ -47,10 +47,15 @@ class World:
 SINGLE_PROCESS = World()
 
 
+def requested_world_size() -> int:
+    """The number of processes torchrun started (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def start(requested_device: str | None) -> World:
     """Join the process group torchrun set up (if any): this rank, the world size, this rank's device
     (under torchrun on GPUs, the GPU of its local rank)."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
+    size = requested_world_size()
     device = hardware.pick_device(requested_device)
     if size == 1:
         return World(device=device)

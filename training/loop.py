@@ -29,10 +29,11 @@ from training.distributed import (
 )
 from training.optimizer import learning_rate, make_optimizer, set_learning_rate, warmup_for
 from training.repetition import looping_batch, newline_token_ids
+from training.reporting import reporting
 from training.run_log import (
     SUMMARY_NAME, peak_memory_bytes, plot_losses, record, summarize, truncate_metrics, write_settings,
 )
-from training.setup import TrainError, prepare_model, resolve_trainable_tokens
+from training.setup import TrainError, compiles_layers, prepare_model, resolve_trainable_tokens
 from training.step import apply_update, held_out_losses, interrupts_held, step_gradients
 
 
@@ -49,14 +50,16 @@ def run(config: TrainConfig, after_step: Callable[[int], None] | None = None) ->
     world = distributed.start(config.device)
     device = world.device
     try:
-        config = resolve_defaults(config, device)
+        config = resolve_defaults(config)
         with ExitStack() as held:
             with all_or_none(world, "start"):  # a rank that cannot start stops the others at once
                 if world.is_main:
                     held.enter_context(hold_output_folder(Path(config.out)))
                 training = _setup(config, device, world)  # no collectives in here: a failed rank votes instead
             same_start(world, training.parameters)
-            return _train(training, after_step)
+            report = held.enter_context(reporting(config.report_to if world.is_main else "none", Path(config.out),
+                                                  training.start_step))
+            return _train(training, after_step, report)
     finally:
         distributed.finish(world)
 
@@ -105,8 +108,9 @@ def _setup(config: TrainConfig, device: torch.device, world: World) -> Training:
     step_rows = [[row for micro in schedule[i:i + config.grad_accum] for row in micro]
                  for i in range(0, len(schedule), config.grad_accum)]
     total_steps = min(len(windows), config.max_steps or len(windows))
+    config = with_schedule(config, total_steps)
     try:
-        warmup = warmup_for(total_steps, config.warmup_steps)
+        warmup = warmup_for(config.schedule_steps, config.warmup_steps)
     except ValueError as error:
         raise TrainError(str(error)) from None
     eval_batches = [collate(held_out[i:i + config.batch_size], tokenizer.pad_token_id)
@@ -117,7 +121,9 @@ def _setup(config: TrainConfig, device: torch.device, world: World) -> Training:
     model = prepare_model(config, lora, device, dtype)
     if world.is_main:
         print(hardware.describe_compute(device, dtype))
-        print(f"schedule: {total_steps} optimizer steps, warmup {warmup} "
+        steps = (total_steps if total_steps == config.schedule_steps
+                 else f"the first {total_steps} of {config.schedule_steps}")
+        print(f"schedule: {steps} optimizer steps, warmup {warmup} "
               + ("(--warmup-steps, as asked)" if config.warmup_steps is not None else "(5% of the run, at most 150)"))
         if token_ids:
             print(describe_token_rows(model, tokenizer, token_ids))
@@ -135,6 +141,17 @@ def _setup(config: TrainConfig, device: torch.device, world: World) -> Training:
         fingerprint=fingerprint, settings=settings, model=model, lora=lora, parameters=parameters,
         optimizer=optimizer, start_step=start_step, started=started,
     )
+
+
+def with_schedule(config: TrainConfig, total_steps: int) -> TrainConfig:
+    """`config` with the length of its learning-rate schedule set: the run's `total_steps` unless
+    --schedule-steps asks for more."""
+    if config.schedule_steps is None:
+        return dataclasses.replace(config, schedule_steps=total_steps)
+    if config.schedule_steps < total_steps:
+        raise TrainError(f"--schedule-steps {config.schedule_steps} is shorter than the run ({total_steps} optimizer "
+                         "steps): its learning rate would reach zero before the end")
+    return config
 
 
 def _setup_data(config: TrainConfig, tokenizer, world: World) -> tuple[list[dict], list[dict], int]:
@@ -169,7 +186,8 @@ def _looping_rows(training: Training, step: int) -> dict | None:
                          f"{config.seed}:{step}:0", training.pad_id, config.repetition_from_copy)
 
 
-def _train(training: Training, after_step: Callable[[int], None] | None) -> dict | None:
+def _train(training: Training, after_step: Callable[[int], None] | None,
+           report: Callable[[dict], None]) -> dict | None:
     config, model, world = training.config, training.model, training.world
     device, dtype, optimizer = training.device, training.dtype, training.optimizer
     out = Path(config.out)
@@ -182,6 +200,11 @@ def _train(training: Training, after_step: Callable[[int], None] | None) -> dict
             write_settings(out, settings)
         else:
             history = truncate_metrics(metrics_path, training.start_step)  # without lines written after the checkpoint
+
+    def log(entry: dict) -> None:
+        record(metrics_path, history, entry)
+        report(entry)
+
     # A resumed run's wall time adds this part of the run to the earlier parts (up to their last checkpoint).
     earlier_s = max((entry.get("wall_s", 0.0) for entry in history), default=0.0)
     model.train()
@@ -191,7 +214,7 @@ def _train(training: Training, after_step: Callable[[int], None] | None) -> dict
             return
         losses = held_out_losses(model, training.eval_batches, device, dtype, world)
         if world.is_main:
-            record(metrics_path, history, {"step": step, **losses})
+            log({"step": step, **losses})
 
     if training.start_step == 0:
         record_held_out(0)
@@ -207,7 +230,7 @@ def _train(training: Training, after_step: Callable[[int], None] | None) -> dict
     try:
         for step in range(training.start_step, training.total_steps):
             step_started = time.time()
-            lr = learning_rate(step, config.lr, training.warmup, training.total_steps)
+            lr = learning_rate(step, config.lr, training.warmup, config.schedule_steps)
             set_learning_rate(optimizer, lr)
             window = [[training.examples[i] for i in micro] for micro in training.windows[step]]
             batches = [collate(examples, training.pad_id) for examples in window]
@@ -225,7 +248,7 @@ def _train(training: Training, after_step: Callable[[int], None] | None) -> dict
             local_tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
             tokens = int(sum_over_ranks(world, [local_tokens])[0])
             if world.is_main:
-                record(metrics_path, history, {
+                log({
                     "step": completed, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                     "supervised_tokens": window_tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
                     "peak_memory_gb": peak_memory_bytes(device) / 1e9,
@@ -257,6 +280,7 @@ def _train(training: Training, after_step: Callable[[int], None] | None) -> dict
     summary = summarize(model, history, wall_s, peak_memory_bytes(device), training.dropped,
                         {"epochs": config.epochs, "max_length": config.max_length, "qlora": config.qlora,
                          "processes": world.size, "compute_dtype": hardware.dtype_name(dtype),
+                         "compiled_layers": compiles_layers(config, device),
                          "warmup_steps": training.warmup})
     (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
     return summary

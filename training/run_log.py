@@ -108,7 +108,8 @@ def plot_training_curves(runs: dict[str, list[dict]], path: Path) -> None:
 
 def summarize(model: torch.nn.Module, history: list[dict], wall_s: float, peak_bytes: int, dropped: int,
               settings: dict) -> dict:
-    """The run in one record; `settings` (epochs, length cap, QLoRA, processes, compute dtype) are copied into it."""
+    """The run in one record; `settings` (epochs, length cap, QLoRA, processes, compute dtype,
+    compiled layers...) are copied into it."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     steps = [e for e in history if "loss" in e]
     held = [e["held_out_loss"] for e in history if "held_out_loss" in e]

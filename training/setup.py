@@ -37,6 +37,11 @@ def apply_speed_options(model: torch.nn.Module, compile_layers: bool, checkpoint
             layer.compile(options={"fallback_random": True})
 
 
+def compiles_layers(config: TrainConfig, device: torch.device) -> bool:
+    """--compile as asked; by default on CUDA only (on the CPU `make bench` shows no reliable gain)."""
+    return config.compile if config.compile is not None else device.type == "cuda"
+
+
 # Bytes per trainable number: the float32 weight, its gradient and AdamW's two moments.
 TRAINING_BYTES_PER_PARAMETER = 4 * 4
 
@@ -82,5 +87,6 @@ def prepare_model(config: TrainConfig, lora: LoRAConfig, device: torch.device, d
     inject_lora(model, lora)
     if lora.trainable_token_indices:
         inject_trainable_tokens(model, lora.trainable_token_indices)
-    apply_speed_options(model, compile_layers=config.compile, checkpoint_layers=config.gradient_checkpointing)
+    apply_speed_options(model, compile_layers=compiles_layers(config, device),
+                        checkpoint_layers=config.gradient_checkpointing)
     return model

@@ -114,8 +114,8 @@ def test_a_finished_run_of_another_recipe_is_refused_in_one_line(tiny_sweep, tmp
     folder = tmp_path / "outputs" / "lora_r16"
     folder.mkdir(parents=True)
     (folder / "train_summary.json").write_text(json.dumps({"wall_s": 1.0}))
-    (folder / "train_config.json").write_text(json.dumps({**sweep.recipe(sweep.RUNS[0], *tiny_sweep[1:4:2], None,
-                                                                         tmp_path / "outputs"), "epochs": 1}))
+    recipe = sweep.recipe(sweep.RUNS[0], *tiny_sweep[1:4:2], tmp_path / "outputs")
+    (folder / "train_config.json").write_text(json.dumps({**recipe, "epochs": 1}))
     assert sweep.main(tiny_sweep) == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1

@@ -24,10 +24,11 @@ from training import loop
 from training.arguments import parse_args
 from training.checkpoint import CheckpointError, checkpoint_dirs, hold_output_folder
 from training.config import STUDY, TrainConfig, resolve_defaults
+from training.distributed import World
 from training.loss import count_supervised, supervised_loss_sum
 from training.optimizer import learning_rate, warmup_for
 from training.run_log import summary_line
-from training.setup import TrainError, apply_speed_options
+from training.setup import TrainError, apply_speed_options, compiles_layers
 from training.step import accumulate_gradients
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,18 +58,31 @@ def test_an_explicit_warmup_is_applied_as_asked_and_one_longer_than_the_run_is_r
 
 
 def test_the_recipe_fills_only_what_the_user_left_to_it():
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    embedded = resolve_defaults(TrainConfig(), cpu)
+    embedded = resolve_defaults(TrainConfig())
     assert (embedded.epochs, embedded.max_length, embedded.lr, embedded.token_lr_scale) == (2, 256, 1e-3, 2.5)
-    assert (embedded.repetition, embedded.repetition_from_copy) == (1.0, 3)  # DITTO on the CPU default only
+    assert (embedded.repetition, embedded.repetition_from_copy) == (1.0, 3)  # DITTO in the embedded recipe only
     # The token rows' own rate is the same 2.5e-3 as in the study's recipe: only the LoRA rate moved.
     assert embedded.lr * embedded.token_lr_scale == pytest.approx(STUDY.lr * STUDY.token_lr_scale)
-    for config, device in ((TrainConfig(), cuda), (TrainConfig(model="google/gemma-2-2b"), cpu)):
-        resolved = resolve_defaults(config, device)
+    for config in (TrainConfig(model="google/gemma-2-2b"), TrainConfig(dataset="rows.jsonl")):
+        resolved = resolve_defaults(config)
         assert (resolved.epochs, resolved.max_length, resolved.lr, resolved.token_lr_scale) == (3, 768, 2.5e-4, 10.0)
         assert resolved.repetition == 0.0
-    chosen = resolve_defaults(parse_args(["--lr", "3e-4", "--epochs", "1"]), cpu)
+    chosen = resolve_defaults(parse_args(["--lr", "3e-4", "--epochs", "1"]))
     assert (chosen.lr, chosen.epochs, chosen.max_length, chosen.token_lr_scale) == (3e-4, 1, 256, 2.5)
+
+
+def test_make_train_records_the_same_recipe_on_a_cpu_and_on_a_gpu():
+    """The train_config.json of `make train --device cpu` and of the same on a device named cuda (resolved as
+    the run resolves it; no GPU needed): only the device differs. Compiling, a speed option whose default is
+    on CUDA only, is decided when the model is set up and recorded in train_summary.json."""
+    on_cpu = parse_args(["--device", "cpu"])
+    on_gpu = dataclasses.replace(on_cpu, device="cuda")  # parse_args would check that this machine has one
+    records = {config.device: loop.run_settings(resolve_defaults(config), World(device=torch.device(config.device)))
+               for config in (on_cpu, on_gpu)}
+    assert {key for key in records["cpu"] if records["cpu"][key] != records["cuda"][key]} == {"device"}
+    assert records["cuda"]["lr"] == 1e-3 and records["cuda"]["repetition"] == 1.0  # the embedded recipe
+    assert records["cuda"]["compile"] is None
+    assert not compiles_layers(on_cpu, torch.device("cpu")) and compiles_layers(on_gpu, torch.device("cuda"))
 
 
 # ------------------------------------------------------------------ loss
@@ -192,6 +206,7 @@ def test_run_writes_adapter_metrics_plot_and_summary(tiny_setup, tmp_path):
         assert (out / name).exists(), name
     assert summary["steps"] == 6 and math.isfinite(summary["final_train_loss"])
     assert summary["warmup_steps"] == 1  # 5% of 6 steps
+    assert summary["compiled_layers"] is False  # the default on the CPU
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4, 5, 6]
     assert [m["step"] for m in metrics if "held_out_loss" in m] == [0, 3, 6]
@@ -345,6 +360,81 @@ def test_a_resumed_run_s_wall_time_adds_the_earlier_parts(tiny_setup, tmp_path):
     assert steps[-1] <= summary["wall_s"] < 3600 + 60
 
 
+def step_lines(out: Path) -> list[dict]:
+    """metrics.jsonl's entries without the timings, which differ from run to run."""
+    timings = {"seconds", "tokens_per_s", "wall_s", "peak_memory_gb"}
+    return [{key: value for key, value in json.loads(line).items() if key not in timings}
+            for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_run_s_train_config_json_re_run_with_max_steps_trains_the_run_s_first_steps(tiny_setup, tmp_path):
+    """python train.py --config RUN/train_config.json --out NEW --max-steps 2: the run's first two steps, line for
+    line in metrics.jsonl (timings aside). The run's 27 steps warm up over 2; without the schedule its record
+    keeps, a 2-step run warms up over 1 and differs from step 2 on."""
+    loop.run(tiny_config(tiny_setup, tmp_path / "whole", epochs=2, max_steps=None))
+    record = tmp_path / "whole" / "train_config.json"
+    assert json.loads(record.read_text())["schedule_steps"] == 27
+    assert json.loads((tmp_path / "whole" / "train_summary.json").read_text())["warmup_steps"] == 2
+    again = ["--config", str(record), "--max-steps", "2"]
+    assert train.main([*again, "--out", str(tmp_path / "first")]) == 0
+    assert train.main([*again, "--out", str(tmp_path / "own"), "--schedule-steps", "2"]) == 0
+    first_steps = [line for line in step_lines(tmp_path / "whole") if line["step"] <= 2][:3]  # held-out at 0, steps 1-2
+    assert [line["step"] for line in first_steps] == [0, 1, 2]
+    assert step_lines(tmp_path / "first")[:3] == first_steps
+    assert step_lines(tmp_path / "own")[2]["loss"] != first_steps[2]["loss"]
+
+
+def test_tensorboard_holds_every_number_of_metrics_jsonl_once_through_a_resume_and_a_fresh_start(tiny_setup, tmp_path):
+    """--report-to tensorboard, read back from the event files: the training loss of every step, the learning rate,
+    tokens/s, memory and the held-out losses, each at its step. A run that dies after its checkpoint at step 2
+    has logged step 3, which the resumed run logs again; a fresh start (--overwrite) hides the earlier run's."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+
+    def die_after_step_3(step: int) -> None:
+        if step == 3:
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        loop.run(tiny_config(tiny_setup, out, report_to="tensorboard"), after_step=die_after_step_3)
+    loop.run(tiny_config(tiny_setup, out, report_to="tensorboard"))
+
+    def assert_tensorboard_holds_metrics_jsonl(steps: int) -> None:
+        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        events = EventAccumulator(str(out / "tensorboard")).Reload()
+        assert [event.step for event in events.Scalars("loss")] == list(range(1, steps + 1))
+        for name in ("loss", "lr", "grad_norm", "tokens_per_s", "peak_memory_gb", "held_out_loss", "held_out_end_loss"):
+            expected = [(entry["step"], entry[name]) for entry in metrics if name in entry]
+            logged = [(event.step, event.value) for event in events.Scalars(name)]
+            assert [step for step, _ in logged] == [step for step, _ in expected], name
+            assert [value for _, value in logged] == pytest.approx([value for _, value in expected], rel=1e-6), name
+
+    assert_tensorboard_holds_metrics_jsonl(steps=6)
+    loop.run(tiny_config(tiny_setup, out, report_to="tensorboard", max_steps=4, overwrite=True))
+    assert_tensorboard_holds_metrics_jsonl(steps=4)
+
+
+def test_a_schedule_shorter_than_the_run_is_refused(tiny_setup, tmp_path):
+    with pytest.raises(TrainError, match=r"--schedule-steps 3 is shorter than the run \(6 optimizer steps\)"):
+        loop.run(tiny_config(tiny_setup, tmp_path / "run", schedule_steps=3))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_from_before_the_schedule_was_recorded_resumes(tiny_setup, tmp_path):
+    loop.run(tiny_config(tiny_setup, tmp_path / "straight"))
+    out = tmp_path / "run"
+    with pytest.raises(TrainError):
+        loop.run(tiny_config(tiny_setup, out), after_step=interrupt_at(2))
+    state_file = out / "checkpoint-000002" / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]["schedule_steps"]
+    state_file.write_text(json.dumps(state))
+    loop.run(tiny_config(tiny_setup, out))
+    assert_same_adapter(tmp_path / "straight", out)
+
+
 def test_resume_with_a_changed_config_is_refused_unless_overwrite(tiny_setup, tmp_path):
     out = tmp_path / "run"
     loop.run(tiny_config(tiny_setup, out, max_steps=2))
@@ -468,6 +558,7 @@ def run_cli(capsys, *args) -> tuple[int, str]:
     (["--trainable-tokens", "<no_such_token>"], "not a single token of this tokenizer"),
     (["--repetition", "-0.5"], "argument --repetition: must be >= 0"),
     (["--repetition-rows", "0"], "argument --repetition-rows: must be >= 1"),
+    (["--report-to", "wandb"], "argument --report-to: must be one of none, tensorboard, got 'wandb'"),
 ])
 def test_bad_inputs_fail_with_one_clear_line(capsys, tmp_path, args, message):
     code, stderr = run_cli(capsys, *args, "--out", str(tmp_path / "out"))
