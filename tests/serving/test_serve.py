@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import shutil
 import socket
 import threading
 import time
@@ -25,7 +26,7 @@ from lora import AdapterError, LoRAConfig, inject_lora, save_adapter
 from lora import inject_trainable_tokens
 from serving import app
 from serving.batcher import BatchScheduler, Job, QueueFull
-from serving.models import load_models
+from serving.models import load_models, memory_report
 
 CONTEXT = 256  # the tiny model's context, so that a prompt can be too long for it
 
@@ -418,3 +419,21 @@ def test_a_failing_callback_does_not_strand_the_batch_s_other_requests(models):
         assert not scheduler.worker_stopped()
     finally:
         scheduler.stop()
+
+
+def test_a_qlora_adapter_is_served_on_an_nf4_copy_of_the_base(model_and_adapters, tmp_path, alone):
+    """LoRA adapters share the float base; a QLoRA adapter (recorded by train.py) gets the NF4 base it was trained
+    on, and answers as it does alone (generate.py's loading)."""
+    folder, adapters = model_and_adapters
+    qlora = tmp_path / "qlora"
+    shutil.copytree(adapters["alpha"], qlora)
+    (qlora / "train_config.json").write_text(json.dumps({"qlora": True}))
+    models = load_models(str(folder), {"alpha": adapters["alpha"], "qlora": qlora}, "cpu")
+    assert memory_report(models)["base_copies"] == 2
+    assert models["alpha"].generator is models["base"].generator is not models["qlora"].generator
+    settings = GenerationSettings(max_new_tokens=8)
+    for name, reference in (("alpha", alone["alpha"]), ("qlora", Generator.load(str(folder), str(qlora), "cpu"))):
+        served = models[name]
+        with served.adapters.selected([served.slot]):
+            answer = served.generator.complete([user_turn("Write fib")], settings)[0].text
+        assert answer == reference.complete([user_turn("Write fib")], settings)[0].text
