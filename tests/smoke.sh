@@ -48,6 +48,11 @@ make --no-print-directory eval VENV="$venv" LIMIT=2 OUTPUTS="$outputs"
 expect_file "$outputs/model_comparison_limit2.md" "make eval"
 cat "$outputs/model_comparison_limit2.md"
 
+step "make pass-at-k LIMIT=2 SAMPLES=2 (sampled answers, the greedy ones from make eval's cache)"
+make --no-print-directory pass-at-k VENV="$venv" LIMIT=2 SAMPLES=2 OUTPUTS="$outputs"
+expect_file "$outputs/pass_at_k_limit2.md" "make pass-at-k"
+cat "$outputs/pass_at_k_limit2.md"
+
 step "make serve: one chat request, then a clean stop"
 port="$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 make --no-print-directory serve VENV="$venv" OUTPUTS="$outputs" PORT="$port" &
