@@ -17,6 +17,7 @@ import argparse
 import sys
 
 import torch
+from tqdm import tqdm
 
 from common import hardware
 from common.options import COUNT
@@ -35,31 +36,39 @@ def training_model(model_name: str, adapter: str, device: torch.device, dtype: t
     return model
 
 
-def answer_logits(model: torch.nn.Module, examples: list[dict], device: torch.device, dtype: torch.dtype,
-                  under_autocast: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per example: float32 logits of the positions that predict an answer token, and those tokens."""
-    results = []
+def answer_logits(model: torch.nn.Module, example: dict, device: torch.device, dtype: torch.dtype,
+                  under_autocast: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 logits of the positions that predict an answer token, and those tokens. One row at a time:
+    a row's logits over Gemma's 262k-token vocabulary take hundreds of MB."""
     with torch.inference_mode(), autocast(device, dtype if under_autocast else torch.float32):
-        for example in examples:
-            ids = torch.tensor([example["input_ids"]], device=device)
-            labels = torch.tensor(example["labels"][1:], device=device)
-            logits = model(input_ids=ids).logits[0, :-1].float()
-            answer = labels != IGNORE_INDEX
-            results.append((logits[answer], labels[answer]))
-    return results
+        ids = torch.tensor([example["input_ids"]], device=device)
+        labels = torch.tensor(example["labels"][1:], device=device)
+        logits = model(input_ids=ids).logits[0, :-1].float()
+    answer = labels != IGNORE_INDEX
+    return logits[answer], labels[answer]
 
 
-def compare(first: list, second: list) -> dict[str, float]:
-    """Largest logit difference, share of positions with the same top token, and each side's mean loss."""
-    max_difference, same_top, positions, losses = 0.0, 0, 0, [0.0, 0.0]
-    for (logits_a, targets), (logits_b, _) in zip(first, second):
-        max_difference = max(max_difference, float((logits_a - logits_b).abs().max()))
-        same_top += int((logits_a.argmax(-1) == logits_b.argmax(-1)).sum())
-        positions += len(targets)
+class Agreement:
+    """Two models' logits on the same answer positions, summed over rows: the largest logit difference, the
+    share of positions where they pick the same token, and each one's loss per answer token."""
+
+    def __init__(self):
+        self.max_difference, self.same_top, self.positions, self.losses = 0.0, 0, 0, [0.0, 0.0]
+
+    def add(self, first: tuple[torch.Tensor, torch.Tensor], second: tuple[torch.Tensor, torch.Tensor]) -> None:
+        (logits_a, targets), (logits_b, _) = first, second
+        self.max_difference = max(self.max_difference, float((logits_a - logits_b).abs().max()))
+        self.same_top += int((logits_a.argmax(-1) == logits_b.argmax(-1)).sum())
+        self.positions += len(targets)
         for side, logits in enumerate((logits_a, logits_b)):
-            losses[side] += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
-    return {"max_abs_logit_difference": max_difference, "same_top_token": same_top / positions,
-            "loss_first": losses[0] / positions, "loss_second": losses[1] / positions, "positions": positions}
+            self.losses[side] += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+
+    @property
+    def same_top_share(self) -> float:
+        return self.same_top / self.positions
+
+    def mean_losses(self) -> tuple[float, float]:
+        return self.losses[0] / self.positions, self.losses[1] / self.positions
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,21 +88,24 @@ def main(argv: list[str] | None = None) -> int:
     rows = held_out.select(range(min(args.rows, len(held_out))))
     examples = [encode_example(tokenizer, row["instruction"], row.get("input") or "", row["output"]) for row in rows]
 
-    trained = answer_logits(training_model(args.model, args.adapter, device, dtype), examples, device, dtype, True)
+    trained = training_model(args.model, args.adapter, device, dtype)
     generating = Generator.load(args.model, args.adapter).model
-    generated = answer_logits(generating, examples, device, dtype, False)
     float_base = load_base(args.model, device)
     load_adapter(float_base, args.adapter)
-    on_float = answer_logits(float_base, examples, device, dtype, False)
+    training_vs_generation, nf4_vs_float = Agreement(), Agreement()
+    for example in tqdm(examples, desc="comparing", unit="row"):
+        generated = answer_logits(generating, example, device, dtype, under_autocast=False)
+        training_vs_generation.add(answer_logits(trained, example, device, dtype, under_autocast=True), generated)
+        nf4_vs_float.add(generated, answer_logits(float_base, example, device, dtype, under_autocast=False))
 
     print(f"{args.adapter} on {len(examples)} held-out rows, {device} {hardware.dtype_name(dtype)}:")
     print("| compared | answer positions | max abs logit difference | same top token | loss per answer token |")
     print("|---|---|---|---|---|")
-    for label, first, second in (("training's forward (NF4 layers, autocast) vs generation's", trained, generated),
-                                 ("generation on the NF4 base vs on the float base", generated, on_float)):
-        result = compare(first, second)
-        print(f"| {label} | {result['positions']} | {result['max_abs_logit_difference']:.4f} | "
-              f"{100 * result['same_top_token']:.2f}% | {result['loss_first']:.4f} vs {result['loss_second']:.4f} |")
+    for label, result in (("training's forward (NF4 layers, autocast) vs generation's", training_vs_generation),
+                          ("generation on the NF4 base vs on the float base", nf4_vs_float)):
+        first, second = result.mean_losses()
+        print(f"| {label} | {result.positions} | {result.max_difference:.4f} | {100 * result.same_top_share:.2f}% | "
+              f"{first:.4f} vs {second:.4f} |")
     return 0
 
 

@@ -32,30 +32,33 @@ def saved_qlora_adapter(tmp_path):
     return model_dir, adapter
 
 
-def both_ways(model_dir, adapter, dtype: torch.dtype) -> dict:
+def both_ways(model_dir, adapter, dtype: torch.dtype) -> qlora_parity.Agreement:
     device = torch.device("cpu")
     tokenizer = make_tiny_tokenizer()
     examples = [encode_example(tokenizer, row["instruction"], "", row["output"]) for row in map(corpus_row, range(3))]
-    trained = qlora_parity.answer_logits(qlora_parity.training_model(str(model_dir), str(adapter), device, dtype),
-                                         examples, device, dtype, under_autocast=True)
+    trained = qlora_parity.training_model(str(model_dir), str(adapter), device, dtype)
     generating = Generator.load(str(model_dir), str(adapter), "cpu").model
-    generated = qlora_parity.answer_logits(generating, examples, device, dtype, under_autocast=False)
-    return qlora_parity.compare(trained, generated)
+    agreement = qlora_parity.Agreement()
+    for example in examples:
+        agreement.add(qlora_parity.answer_logits(trained, example, device, dtype, under_autocast=True),
+                      qlora_parity.answer_logits(generating, example, device, dtype, under_autocast=False))
+    return agreement
 
 
 def test_in_float32_generation_computes_what_training_did(tmp_path, monkeypatch):
     model_dir, adapter = saved_qlora_adapter(tmp_path)
     monkeypatch.setattr(hardware, "pick_compute_dtype", lambda device: torch.float32)  # what the Generator loads in
     same = both_ways(model_dir, adapter, torch.float32)
-    assert same["max_abs_logit_difference"] < 1e-5 and same["same_top_token"] == 1.0
+    assert same.max_difference < 1e-5 and same.same_top_share == 1.0
 
 
 def test_in_this_machines_dtype_they_differ_by_its_rounding_only(tmp_path):
     model_dir, adapter = saved_qlora_adapter(tmp_path)
     dtype = hardware.pick_compute_dtype(torch.device("cpu"))
     same = both_ways(model_dir, adapter, dtype)
-    assert same["loss_first"] == pytest.approx(same["loss_second"], rel=1e-3)
-    assert same["max_abs_logit_difference"] < (0.05 if dtype == torch.bfloat16 else 1e-5)
+    first, second = same.mean_losses()
+    assert first == pytest.approx(second, rel=1e-3)
+    assert same.max_difference < (0.05 if dtype == torch.bfloat16 else 1e-5)
 
 
 def test_the_command_prints_both_comparisons(tmp_path, capsys):
