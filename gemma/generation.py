@@ -14,8 +14,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from transformers import (
-    GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList,
-    TextStreamer,
+    GenerationConfig, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria,
+    StoppingCriteriaList, TextStreamer,
 )
 from transformers.generation.streamers import BaseStreamer
 
@@ -23,6 +23,7 @@ from common import hardware
 from common.options import NON_NEGATIVE_INT, ranged
 from gemma import loading
 from gemma.chat_format import STOP_MARKERS
+from gemma.sampling import TemperatureAndNucleus
 from lora import load_adapter, read_adapter_config
 from lora.adapter import trained_on_nf4
 
@@ -196,21 +197,23 @@ class Generator:
                       stopping_criteria: StoppingCriteria | None = None) -> list[list[int]]:
         """Token ids in, left-padded into one batch; each row's new ids out (padded after a stop)."""
         inputs = self.tokenizer.pad({"input_ids": contexts}, return_tensors="pt").to(self.model.device)
+        sampling = [TemperatureAndNucleus(settings.temperature, settings.top_p)] if settings.temperature > 0 else []
         output = self.model.generate(
             **inputs, generation_config=self._generation_config(settings, stop_strings),
             tokenizer=self.tokenizer if stop_strings else None, streamer=streamer,
             stopping_criteria=StoppingCriteriaList([stopping_criteria] if stopping_criteria else []),
+            logits_processor=LogitsProcessorList(sampling),
         )
         return output[:, inputs["input_ids"].shape[1]:].tolist()
 
     def _generation_config(self, settings: GenerationSettings, stop_strings: Sequence[str]) -> GenerationConfig:
-        sampling = settings.temperature > 0
+        # Temperature and top-p are TemperatureAndNucleus's (a custom processor: _generate_ids), so the config's are
+        # off; and so is top-k, set to 0: a None would be filled with transformers' default top-k of 50.
         return GenerationConfig(
-            max_new_tokens=settings.max_new_tokens, do_sample=sampling,
-            temperature=settings.temperature if sampling else None, top_p=settings.top_p if sampling else None,
+            max_new_tokens=settings.max_new_tokens, do_sample=settings.temperature > 0, temperature=1.0, top_p=1.0,
             repetition_penalty=settings.repetition_penalty,  # HF adds no processor for 1.0
             no_repeat_ngram_size=settings.no_repeat_ngram,  # nor for 0
-            top_k=None, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
+            top_k=0, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
             stop_strings=list(stop_strings) or None,
         )
 
