@@ -208,12 +208,13 @@ class Generator:
 
     def _generation_config(self, settings: GenerationSettings, stop_strings: Sequence[str]) -> GenerationConfig:
         # Temperature and top-p are TemperatureAndNucleus's (a custom processor: _generate_ids), so the config's are
-        # off; and so is top-k, set to 0: a None would be filled with transformers' default top-k of 50.
+        # off; and so is top-k when sampling, set to 0: a None would be filled with transformers' default of 50.
+        sampling = settings.temperature > 0
         return GenerationConfig(
-            max_new_tokens=settings.max_new_tokens, do_sample=settings.temperature > 0, temperature=1.0, top_p=1.0,
+            max_new_tokens=settings.max_new_tokens, do_sample=sampling, temperature=1.0, top_p=1.0,
             repetition_penalty=settings.repetition_penalty,  # HF adds no processor for 1.0
             no_repeat_ngram_size=settings.no_repeat_ngram,  # nor for 0
-            top_k=0, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
+            top_k=0 if sampling else None, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
             stop_strings=list(stop_strings) or None,
         )
 
