@@ -3,7 +3,7 @@
 #              RANK=8 MODEL=google/gemma-2-2b DATASET=iamtarun/python_code_instructions_18k_alpaca
 #              EPOCHS=3 MAX_STEPS=100 SEED=1 OUT=outputs/my_run NPROC=2 REPORT_TO=tensorboard
 #              OUTPUTS=DIR (where make eval and make serve find adapters), VENV=DIR (another virtualenv)
-#              SAMPLES=10 TEMPERATURE=0.2 (make pass-at-k)
+#              SAMPLES=10 TEMPERATURE=0.2 SAMPLE_TASKS=humaneval-chat (make pass-at-k)
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 RANK ?= 16
@@ -16,6 +16,7 @@ OUT ?=
 LIMIT ?=
 SAMPLES ?= 20
 TEMPERATURE ?= 0.8
+SAMPLE_TASKS ?=
 PORT ?= 8000
 OUTPUTS ?= outputs
 ADAPTER ?= outputs/lora_r16
@@ -97,10 +98,11 @@ eval: venv
 
 # pass@k: SAMPLES answers per problem at TEMPERATURE (HumanEval chat and raw, held-out doctest rows) for the base
 # model and every adapter under $(OUTPUTS), beside greedy pass@1 -> outputs/pass_at_k.{csv,md}. Cached and
-# resumable like make eval; LIMIT=N for a quick look. SAMPLES=20 makes about 20 times make eval's answers.
+# resumable like make eval; LIMIT=N for a quick look; SAMPLE_TASKS="humaneval-chat" for some of the three.
+# SAMPLES=20 makes about 20 times make eval's answers.
 pass-at-k: venv
 	$(PYTHON) evaluate.py --samples $(SAMPLES) --temperature $(TEMPERATURE) --model $(MODEL) --dataset $(DATASET) \
-		--outputs $(OUTPUTS) $(if $(LIMIT),--limit $(LIMIT))
+		--outputs $(OUTPUTS) $(if $(LIMIT),--limit $(LIMIT)) $(if $(SAMPLE_TASKS),--sample-tasks $(SAMPLE_TASKS))
 
 # The study's experiment: LoRA r=8/16/32 and QLoRA r=16 on one recipe (train.py's defaults), evaluated with
 # the base model, compared in pairs (exact McNemar) -> outputs/model_comparison.*, outputs/paired_tests.md,

@@ -48,8 +48,8 @@ make --no-print-directory eval VENV="$venv" LIMIT=2 OUTPUTS="$outputs"
 expect_file "$outputs/model_comparison_limit2.md" "make eval"
 cat "$outputs/model_comparison_limit2.md"
 
-step "make pass-at-k LIMIT=2 SAMPLES=2 (sampled answers, the greedy ones from make eval's cache)"
-make --no-print-directory pass-at-k VENV="$venv" LIMIT=2 SAMPLES=2 OUTPUTS="$outputs"
+step "make pass-at-k LIMIT=2 SAMPLES=2 on HumanEval's raw prompts (the greedy answers from make eval's cache)"
+make --no-print-directory pass-at-k VENV="$venv" LIMIT=2 SAMPLES=2 SAMPLE_TASKS=humaneval-raw OUTPUTS="$outputs"
 expect_file "$outputs/pass_at_k_limit2.md" "make pass-at-k"
 cat "$outputs/pass_at_k_limit2.md"
 
