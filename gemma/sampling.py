@@ -1,7 +1,7 @@
 """Temperature and nucleus (top-p) sampling's filter, without sorting the whole vocabulary at every step.
 
 transformers' TopPLogitsWarper sorts every row's logits: over Gemma's 262k-token vocabulary and a batch of
-64 rows that sort takes about a second per step on a 2-core CPU, several times the model's own step. The
+64 rows that sort takes longer than the model's own decoding step on a 2-core CPU. The
 nucleus, the likeliest tokens whose probabilities reach p, is almost always a few dozen tokens, so this
 filter looks at the `candidates` likeliest only (torch.topk) and keeps a token when the probability of the
 tokens above it is below p, the rule TopPLogitsWarper applies. A row whose nucleus does not end within the
