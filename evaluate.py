@@ -331,12 +331,9 @@ def evaluate_models(args: argparse.Namespace, limits: Limits) -> None:
     reports = [score_answers("reference", "", reference_answers(tasks))]
     reports += [score_answers(path.name.rsplit("-", 1)[0], str(path), model_answers(KeptGenerations(path, settings), tasks))
                 for path in kept]
-    device = hardware.pick_device(args.device)
-    compute = f"{device.type}:{hardware.dtype_name(hardware.pick_compute_dtype(device))}"
     for spec in specs:
         started = time.perf_counter()
-        generator = CachedGenerator(spec, cache_for(outputs / "eval_cache", spec, compute), settings, args.batch_size,
-                                    args.device)
+        generator = cached_generator(spec, outputs, settings, args)
         report = score_answers(spec.label, str(spec.adapter or ""), model_answers(generator, tasks))
         report.generation = generator.stats
         report.training = read_summary(spec.adapter) if spec.adapter else {}
@@ -345,6 +342,14 @@ def evaluate_models(args: argparse.Namespace, limits: Limits) -> None:
               f"{generator.stats.new_tokens} new tokens in {generator.stats.seconds:.0f} s "
               f"({generator.stats.tokens_per_second:.1f} tokens/s)", file=sys.stderr)
     write_reports(reports, outputs, suffix)
+
+
+def cached_generator(spec: ModelSpec, outputs: Path, settings: GenerationSettings,
+                     args: argparse.Namespace) -> CachedGenerator:
+    """`spec`'s generator, answering from its cache under outputs/eval_cache/ (keyed by the device and dtype too)."""
+    device = hardware.pick_device(args.device)
+    compute = f"{device.type}:{hardware.dtype_name(hardware.pick_compute_dtype(device))}"
+    return CachedGenerator(spec, cache_for(outputs / "eval_cache", spec, compute), settings, args.batch_size, args.device)
 
 
 def evaluate_sampled(args: argparse.Namespace, limits: Limits) -> None:
@@ -363,12 +368,9 @@ def evaluate_sampled(args: argparse.Namespace, limits: Limits) -> None:
           f"{sampling.seed}..{sampling.seed + args.samples - 1}: " + ", ".join(
               f"{len(problems.prompts)} {problems.name}" for problems in sets) + f"; {len(specs)} model(s)", file=sys.stderr)
     suffix = f"_limit{args.limit}" if args.limit else ""
-    device = hardware.pick_device(args.device)
-    compute = f"{device.type}:{hardware.dtype_name(hardware.pick_compute_dtype(device))}"
     scores = []
     for spec in specs:
-        generator = CachedGenerator(spec, cache_for(outputs / "eval_cache", spec, compute), greedy, args.batch_size,
-                                    args.device)
+        generator = cached_generator(spec, outputs, greedy, args)
         for problems in sets:
             greedy_answers = generator.complete(problems.prompts, problems.stop_strings, f"{problems.name}, greedy")
             answers = sampled.draw_samples(generator, problems, sampling, args.samples)
