@@ -23,7 +23,7 @@ from common import hardware
 from common.options import NON_NEGATIVE_INT, ranged
 from gemma import loading
 from gemma.chat_format import STOP_MARKERS
-from gemma.sampling import TemperatureAndNucleus
+from gemma.sampling import SAMPLER, NucleusSampler
 from lora import load_adapter, read_adapter_config
 from lora.adapter import trained_on_nf4
 
@@ -48,6 +48,8 @@ class GenerationSettings:
         sampling = self.temperature > 0
         key = {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "stop": STOP_MARKERS,
                "top_p": self.top_p if sampling else None, "seed": self.seed if sampling else None}
+        if sampling:
+            key["sampler"] = SAMPLER
         if self.repetition_penalty != 1.0:  # only then, so caches made before the option stay valid
             key["repetition_penalty"] = self.repetition_penalty
         if self.no_repeat_ngram:
@@ -197,7 +199,7 @@ class Generator:
                       stopping_criteria: StoppingCriteria | None = None) -> list[list[int]]:
         """Token ids in, left-padded into one batch; each row's new ids out (padded after a stop)."""
         inputs = self.tokenizer.pad({"input_ids": contexts}, return_tensors="pt").to(self.model.device)
-        sampling = [TemperatureAndNucleus(settings.temperature, settings.top_p)] if settings.temperature > 0 else []
+        sampling = [NucleusSampler(settings.temperature, settings.top_p)] if settings.temperature > 0 else []
         output = self.model.generate(
             **inputs, generation_config=self._generation_config(settings, stop_strings),
             tokenizer=self.tokenizer if stop_strings else None, streamer=streamer,
@@ -207,14 +209,13 @@ class Generator:
         return output[:, inputs["input_ids"].shape[1]:].tolist()
 
     def _generation_config(self, settings: GenerationSettings, stop_strings: Sequence[str]) -> GenerationConfig:
-        # Temperature and top-p are TemperatureAndNucleus's (a custom processor: _generate_ids), so the config's are
-        # off; and so is top-k when sampling, set to 0: a None would be filled with transformers' default of 50.
-        sampling = settings.temperature > 0
+        # Decoding is greedy even when sampling: NucleusSampler (a custom processor: _generate_ids) draws the
+        # token and leaves it the only finite logit, so transformers' own temperature, top-k and top-p stay off.
         return GenerationConfig(
-            max_new_tokens=settings.max_new_tokens, do_sample=sampling, temperature=1.0, top_p=1.0,
+            max_new_tokens=settings.max_new_tokens, do_sample=False,
             repetition_penalty=settings.repetition_penalty,  # HF adds no processor for 1.0
             no_repeat_ngram_size=settings.no_repeat_ngram,  # nor for 0
-            top_k=0 if sampling else None, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
+            eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
             stop_strings=list(stop_strings) or None,
         )
 
