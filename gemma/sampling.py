@@ -18,8 +18,9 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessor, TopPLogitsWarper
 
+CANDIDATES = 1024
 # Part of a sampled generation's cache key: the same seed draws other tokens under another way of drawing.
-SAMPLER = "nucleus within the top 1024, torch.multinomial"
+SAMPLER = f"nucleus within the top {CANDIDATES}, torch.multinomial"
 
 
 class NucleusSampler(LogitsProcessor):
@@ -29,7 +30,7 @@ class NucleusSampler(LogitsProcessor):
     Passed to `generate` as a custom logits processor with greedy decoding: transformers runs custom
     processors after its own (a repetition penalty, a banned n-gram), so the draw sees their logits."""
 
-    def __init__(self, temperature: float, top_p: float, candidates: int = 1024):
+    def __init__(self, temperature: float, top_p: float, candidates: int = CANDIDATES):
         self.temperature, self.top_p, self.candidates = temperature, top_p, candidates
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
